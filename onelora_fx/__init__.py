@@ -1,0 +1,32 @@
+"""onelora_fx: 1LoRA fine-tuning as a PyTorch graph pass.
+
+1LoRA (Quercia et al.) adapts a frozen linear layer ``y = W x + bias`` with one trainable
+vector ``b``: ``y = linear(x, W, bias) + b * x.sum(-1, keepdim=True)``, i.e.
+``ΔW = b 1ᵀ``.
+
+Example:
+    >>> import onelora_fx as ol
+    >>> gm = ol.transform(model, "all-linear", example_kwargs={"input_ids": ids})  # doctest: +SKIP
+"""
+
+from .capture import Capture, CaptureError
+from .patterns import PatternError
+from .rewrite import AlreadyAdaptedError
+from .sites import Layout, LinearSite
+from .state import Extra
+from .summary import summary
+from .transform import adapter_parameters, sites, transform
+
+__all__ = [
+    "transform",
+    "sites",
+    "summary",
+    "adapter_parameters",
+    "LinearSite",
+    "Layout",
+    "Extra",
+    "Capture",
+    "CaptureError",
+    "PatternError",
+    "AlreadyAdaptedError",
+]

@@ -1,0 +1,259 @@
+"""nn.Module -> fx.GraphModule: ``torch.fx.symbolic_trace`` or ``torch.export``.
+
+The captured module is a plain ``torch.fx.GraphModule`` that
+
+* is called exactly like the model (same arguments, same output structure),
+* owns its module tree (fresh container objects) but shares every parameter with the
+  model: no weight is copied, so capturing a 7B model costs no weight memory;
+* owns copies of the model's buffers (batch-norm statistics change in training, and
+  training the capture must never change the model),
+* follows ``.train()`` / ``.eval()`` (see :mod:`onelora_fx.modes`), also when it came
+  from ``torch.export``, whose ``.module()`` refuses both.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+import inspect
+import logging
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from . import modes
+
+__all__ = ["Capture", "CaptureError", "Captured", "capture", "own_module_tree", "own_buffers"]
+
+log = logging.getLogger(__name__)
+
+
+class Capture(str, enum.Enum):
+    """How a model was (or should be) captured."""
+
+    AUTO = "auto"
+    FX = "fx"
+    EXPORT = "export"
+    #: no graph capture worked; layers were adapted in place of the modules (fallback)
+    MODULE = "module"
+
+
+class CaptureError(RuntimeError):
+    """No graph capture could take the model; ``reasons`` says why for each method."""
+
+    def __init__(self, message: str, reasons: dict[str, BaseException]):
+        super().__init__(message)
+        self.reasons = reasons
+
+
+@dataclass
+class Captured:
+    gm: torch.fx.GraphModule
+    method: Capture
+    #: buffer name -> the model's tensor (the capture holds a copy)
+    buffers: dict[str, torch.Tensor]
+
+
+def own_module_tree(root: nn.Module, _memo: Optional[dict[int, nn.Module]] = None) -> None:
+    """Replace every submodule of ``root`` by a shallow copy that shares its tensors.
+
+    After this, registering a parameter on a submodule of ``root`` (or swapping its
+    class, or switching its mode) cannot touch the module it was copied from, while the
+    parameter and buffer tensors stay the very same objects. A module reachable by two
+    paths stays one module.
+    """
+    memo = {} if _memo is None else _memo
+    for name, child in list(root._modules.items()):
+        if child is None:
+            continue
+        if id(child) not in memo:
+            twin = copy.copy(child)
+            twin._parameters = dict(child._parameters)
+            twin._buffers = dict(child._buffers)
+            twin._non_persistent_buffers_set = set(child._non_persistent_buffers_set)
+            twin._modules = dict(child._modules)
+            memo[id(child)] = twin
+            own_module_tree(twin, memo)
+        root._modules[name] = memo[id(child)]
+
+
+def own_buffers(root: nn.Module) -> dict[str, torch.Tensor]:
+    """Give ``root`` copies of its buffers; returns ``{name: the original tensor}``."""
+    originals, copies = {}, {}
+    for prefix, module in root.named_modules(remove_duplicate=False):
+        for name, buf in list(module._buffers.items()):
+            if buf is not None:
+                originals[f"{prefix}.{name}" if prefix else name] = buf
+                if id(buf) not in copies:
+                    copies[id(buf)] = buf.clone()
+                module._buffers[name] = copies[id(buf)]
+    return originals
+
+
+def _auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """Every dimension of every tensor input as ``Dim.AUTO``: torch.export keeps a dim
+    dynamic unless the model pins it (channels, hidden sizes), so batch and sequence
+    lengths other than the examples' work without the user naming them."""
+
+    def spec(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return {d: Dim.AUTO for d in range(value.dim())} or None
+        if isinstance(value, (list, tuple)):
+            return type(value)(spec(v) for v in value)
+        if isinstance(value, dict):
+            return {k: spec(v) for k, v in value.items()}
+        return None
+
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError:
+        return None  # the example does not fit the signature: let export say so
+    shapes = {}
+    for name, value in bound.arguments.items():
+        param = bound.signature.parameters[name]
+        if param.kind is inspect.Parameter.VAR_POSITIONAL:
+            shapes[name] = tuple(spec(v) for v in value)
+        elif param.kind is inspect.Parameter.VAR_KEYWORD:
+            shapes[name] = {k: spec(v) for k, v in value.items()}
+        else:
+            shapes[name] = spec(value)
+    return shapes
+
+
+def _trace_fx(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> torch.fx.GraphModule:
+    return torch.fx.symbolic_trace(model)
+
+
+def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> torch.fx.GraphModule:
+    shapes = _auto_dynamic_shapes(model, args, kwargs) if dynamic else None
+    ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+    exported = ep.module()
+    # A plain GraphModule over the same graph: torch's .module() disables train/eval.
+    gm = torch.fx.GraphModule(exported, exported.graph, class_name=type(model).__name__)
+    for attr in ("_in_spec", "_out_spec"):
+        if hasattr(exported, attr):
+            setattr(gm, attr, getattr(exported, attr))
+    return gm
+
+
+@contextmanager
+def _mode(model: nn.Module, training: bool) -> Iterator[None]:
+    flags = {m: m.training for m in model.modules()}
+    model.train(training)
+    try:
+        yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def _trace_both_modes(trace: Callable[..., torch.fx.GraphModule], model: nn.Module, *inputs: Any) -> torch.fx.GraphModule:
+    """Trace in training and in eval mode, and keep one graph that is right in both.
+
+    A trace bakes the mode in. When the two traces differ only in the arguments
+    :mod:`modes` knows (dropout flags and probabilities, batch-norm's ``training``),
+    the training trace with those arguments routed through the mode node is exact in
+    both modes. When the model branches on ``self.training`` in Python (DiT's label
+    dropout, router jitter), no single graph is: keep the eval trace, which is what
+    evaluation and deployment run, and say so.
+    """
+    with _mode(model, True):
+        train_gm = trace(model, *inputs)
+    with _mode(model, False):
+        eval_gm = trace(model, *inputs)
+    difference = modes.first_difference(train_gm.graph, eval_gm.graph)
+    if difference is None:
+        return train_gm
+    warnings.warn(
+        f"{type(model).__name__} runs different ops in training than in eval mode "
+        f"(Python code that branches on self.training; first difference: {difference}). "
+        "The adapted graph is the eval-mode one: exact for evaluation, merge and export, "
+        "but training runs without train-only ops (dropout, label or layer dropout).",
+        stacklevel=4,
+    )
+    return eval_gm
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: Optional[Sequence[Any]] = None,
+    example_kwargs: Optional[dict[str, Any]] = None,
+    *,
+    method: Capture | str = Capture.AUTO,
+    dynamic: bool = True,
+) -> Captured:
+    """Capture ``model`` as a GraphModule that shares its parameters.
+
+    ``method="auto"`` tries ``torch.fx.symbolic_trace`` first (no inputs needed), then
+    ``torch.export`` (needs ``example_inputs`` / ``example_kwargs``).
+
+    Example:
+        >>> cap = capture(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+        >>> cap.method
+        <Capture.FX: 'fx'>
+
+    Raises:
+        ValueError: export is needed but no example inputs were given.
+        CaptureError: no method could capture the model (``reasons`` has each error).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module to capture, got {type(model).__name__}")
+    method = Capture(method)
+    if method is Capture.MODULE:
+        raise ValueError("capture='module' is not a graph capture; use 'auto', 'fx' or 'export'")
+    reasons: dict[str, BaseException] = {}
+    gm = None
+    used = method
+    if method in (Capture.AUTO, Capture.FX):
+        try:
+            gm = _trace_both_modes(_trace_fx, model, (), {}, dynamic)
+            used = Capture.FX
+        except Exception as e:  # fx raises many types (TraceError, ValueError, TypeError...)
+            reasons["fx"] = e
+            log.info("symbolic_trace failed for %s: %s", type(model).__name__, e)
+            if method is Capture.FX:
+                raise CaptureError(
+                    f"torch.fx.symbolic_trace cannot capture {type(model).__name__}: "
+                    f"{type(e).__name__}: {e}\nUse capture='export' with example_inputs.",
+                    reasons,
+                ) from e
+    if gm is None:
+        if example_inputs is None and example_kwargs is None:
+            why = f" (symbolic_trace failed: {type(reasons['fx']).__name__}: {_first_line(reasons['fx'])})" if reasons else ""
+            raise ValueError(
+                f"{type(model).__name__} needs torch.export to be captured{why}; pass "
+                "example_inputs=(...) and/or example_kwargs={...} as you would call the model"
+            )
+        args = tuple(example_inputs) if example_inputs is not None else ()
+        kwargs = dict(example_kwargs or {})
+        try:
+            gm = _trace_both_modes(_trace_export, model, args, kwargs, dynamic)
+            used = Capture.EXPORT
+        except Exception as e:
+            reasons["export"] = e
+            detail = "\n".join(f"  {k}: {type(v).__name__}: {_first_line(v)}" for k, v in reasons.items())
+            raise CaptureError(
+                f"no graph capture works for {type(model).__name__}:\n{detail}\n"
+                "Data-dependent Python control flow (if on a tensor value, loops over "
+                "data) cannot be captured; capture='auto' falls back to adapting the "
+                "nn.Linear / Conv1D modules directly.",
+                reasons,
+            ) from e
+    own_module_tree(gm)
+    buffers = own_buffers(gm)
+    modes.follow_train_eval(gm)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    gm.train(model.training)
+    return Captured(gm, used, buffers)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
