@@ -245,6 +245,7 @@ def capture(
                 reasons,
             ) from e
     own_module_tree(gm)
+    _keep_non_persistent(model, gm)
     buffers = own_buffers(gm)
     modes.follow_train_eval(gm)
     gm.graph.eliminate_dead_code()
@@ -252,6 +253,21 @@ def capture(
     gm.recompile()
     gm.train(model.training)
     return Captured(gm, used, buffers)
+
+
+def _keep_non_persistent(model: nn.Module, gm: nn.Module) -> None:
+    """GraphModule re-registers every buffer as persistent; the model's non-persistent
+    ones (rotary tables, position ids) must stay out of the state dict."""
+    for path, module in model.named_modules():
+        for name in module._non_persistent_buffers_set:
+            fqn = f"{path}.{name}" if path else name
+            owner_path, _, leaf = fqn.rpartition(".")
+            try:
+                owner = gm.get_submodule(owner_path)
+            except AttributeError:
+                continue  # the graph does not use it
+            if leaf in owner._buffers:
+                owner._non_persistent_buffers_set.add(leaf)
 
 
 def _first_line(e: BaseException) -> str:

@@ -128,7 +128,6 @@ def _op_backward(ctx, g):
 _linear_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
-@torch.fx.wrap
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], b: Tensor, transposed: bool = False) -> Tensor:
     """1LoRA linear: ``linear(x, W, bias) + b * x.sum(-1, keepdim=True)``.
 
@@ -142,6 +141,9 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], b: Tensor, transpo
         >>> torch.allclose(y, x @ W.T + b * x.sum(-1, keepdim=True))
         True
     """
+    if isinstance(x, torch.fx.Proxy):
+        # symbolic_trace (also when a pickled GraphModule is re-traced): one leaf node
+        return x.tracer.create_proxy("call_function", linear, (x, weight, bias, b), {"transposed": transposed} if transposed else {})
     if torch.compiler.is_compiling():
         return torch.ops.onelora.linear(x, weight, bias, b, transposed)
     return _OneLoRALinearFunction.apply(x, weight, bias, b, transposed)

@@ -1,0 +1,159 @@
+"""Capture: fx vs export, the module-level fallback, train/eval, meta models, errors."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import onelora_fx as ol
+from onelora_fx.capture import capture
+from reference import ILoRA, randomize_adapters
+
+
+class DataDependent(nn.Module):
+    """`if h.sum() > 0`: neither symbolic_trace nor torch.export can take it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        if h.sum() > 0:
+            h = torch.relu(self.b(h))
+        else:
+            h = torch.tanh(self.b(h))
+        return self.head(h)
+
+
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x)).mean((2, 3))
+        return self.fc(F.dropout(h, 0.3, self.training) + self.drop(h))
+
+
+def test_fallback_adapts_modules_with_a_warning():
+    model = DataDependent()
+    x = torch.randn(4, 8)
+    with pytest.warns(UserWarning, match=r"no graph capture works.*\n.*fx.*\n.*export"):
+        adapted = ol.transform(model, "all", example_inputs=(x,))
+    assert not isinstance(adapted, torch.fx.GraphModule)
+    assert {n for n, p in adapted.named_parameters() if p.requires_grad} == {
+        "a.onelora_b", "b.onelora_b", "head.onelora_b",
+    }
+    assert torch.equal(adapted(x), model(x))
+    bs = randomize_adapters(adapted, seed=3)
+    ref = DataDependent()
+    ref.load_state_dict(model.state_dict())
+    for name in ("a", "b", "head"):
+        setattr(ref, name, ILoRA(getattr(ref, name), bs[name]))
+    for sign in (1, -1):  # both branches
+        torch.testing.assert_close(adapted(sign * x), ref(sign * x))
+    assert not hasattr(model.a, "onelora_b") and type(model.a) is nn.Linear
+
+
+def test_forced_capture_never_falls_back():
+    model = DataDependent()
+    with pytest.raises(ol.CaptureError, match="symbolic_trace"):
+        ol.transform(model, capture="fx")
+    with pytest.raises(ol.CaptureError, match="export"):
+        ol.transform(model, capture="export", example_inputs=(torch.randn(2, 8),))
+
+
+def test_export_needs_examples():
+    with pytest.raises(ValueError, match="example_inputs"):
+        ol.transform(DataDependent())
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_batch_norm_and_dropout_follow_the_mode(method):
+    torch.manual_seed(0)
+    model = ConvBN()
+    x = torch.randn(6, 3, 8, 8)
+    gm = ol.transform(model, "all", capture=method, example_inputs=(x,))
+    model.eval()
+    gm.eval()
+    assert torch.equal(gm(x), model(x))
+    stats = model.bn.running_mean.clone()
+    gm.train()
+    torch.manual_seed(1)
+    y_gm = gm(x)
+    # training updates the adapted module's statistics, never the model's
+    assert torch.equal(model.bn.running_mean, stats)
+    assert not torch.equal(gm.get_buffer("bn.running_mean"), stats)
+    assert int(gm.get_buffer("bn.num_batches_tracked")) == 1
+    model.train()
+    torch.manual_seed(1)
+    y_model = model(x)
+    torch.testing.assert_close(y_gm, y_model)  # same dropout masks, batch statistics
+    torch.testing.assert_close(gm.get_buffer("bn.running_mean"), model.bn.running_mean)
+    gm.eval()
+    gm(x)
+    assert int(gm.get_buffer("bn.num_batches_tracked")) == 1, "eval must not count batches"
+
+
+def test_train_only_python_branch_keeps_the_eval_graph():
+    class LabelDrop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if self.training:
+                x = x * (torch.rand_like(x) > 0.5)
+            return self.fc(x)
+
+    model = LabelDrop()
+    with pytest.warns(UserWarning, match="different ops in training than in eval"):
+        gm = ol.transform(model, "all")
+    x = torch.randn(3, 4)
+    model.eval()
+    gm.train()
+    assert torch.equal(gm(x), model(x))
+
+
+def test_dynamic_false_pins_shapes():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(3, 4)
+    gm = ol.transform(model, "all", capture="export", example_inputs=(x,), dynamic=False)
+    assert torch.equal(gm(x), model(x))
+    with pytest.raises(Exception):
+        gm(torch.randn(5, 4))
+    gm = ol.transform(model, "all", capture="export", example_inputs=(x,))
+    x5 = torch.randn(5, 4)
+    assert torch.equal(gm(x5), model(x5))
+
+
+def test_meta_llama_7b_dimensions():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+        num_key_value_heads=32, vocab_size=32000, use_cache=False,
+    )
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg)
+    ids = torch.zeros(2, 16, dtype=torch.long, device="meta")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    gm = ol.transform(model, example_kwargs={"input_ids": ids})
+    took = time.perf_counter() - start
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024
+    adapted = [s for s in ol.sites(gm) if s.adapted]
+    print(f"\nmeta LLaMA 7B dims: transform took {took:.1f}s, peak RSS grew {grown_mb:.0f} MB, {len(adapted)} sites adapted")
+    assert len(adapted) == 32 * 7
+    assert all(p.device.type == "meta" for p in gm.parameters())
+    assert grown_mb < 1024, "a 7B model's weights are 27 GB: none may be allocated"
