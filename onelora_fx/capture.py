@@ -229,8 +229,12 @@ def capture(
                 f"{type(model).__name__} needs torch.export to be captured{why}; pass "
                 "example_inputs=(...) and/or example_kwargs={...} as you would call the model"
             )
-        args = tuple(example_inputs) if example_inputs is not None else ()
-        kwargs = dict(example_kwargs or {})
+        # A view as example makes export guard on its base's size; give it fresh tensors.
+        args, kwargs = torch.utils._pytree.tree_map_only(
+            torch.Tensor,
+            lambda t: t.clone() if t._base is not None else t,
+            (tuple(example_inputs or ()), dict(example_kwargs or {})),
+        )
         try:
             gm = _trace_both_modes(_trace_export, model, args, kwargs, dynamic)
             used = Capture.EXPORT

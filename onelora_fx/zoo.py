@@ -21,19 +21,20 @@ def _ids(vocab: int, batch: int = 2, seq: int = 8) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
 
 
-def llama(layers: int = 2, hidden: int = 32, intermediate: int = 64, vocab: int = 128, **kw: Any) -> Example:
+def llama(
+    layers: int = 2, hidden: int = 32, intermediate: int = 64, vocab: int = 128, heads: int = 4, kv_heads: int = 2
+) -> Example:
     import transformers
 
     cfg = transformers.LlamaConfig(
         num_hidden_layers=layers,
         hidden_size=hidden,
         intermediate_size=intermediate,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         vocab_size=vocab,
         max_position_embeddings=256,
         use_cache=False,
-        **kw,
     )
     return transformers.LlamaForCausalLM(cfg), (), {"input_ids": _ids(vocab)}
 
