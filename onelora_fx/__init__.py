@@ -9,7 +9,10 @@ Example:
     >>> gm = ol.transform(model, "all-linear", example_kwargs={"input_ids": ids})  # doctest: +SKIP
 """
 
+from .adapters import AdapterFileError, load_adapter, save_adapter
 from .capture import Capture, CaptureError
+from .export import ExportError, export
+from .merge import MergeError, merge
 from .patterns import PatternError
 from .rewrite import AlreadyAdaptedError
 from .sites import Layout, LinearSite
@@ -22,6 +25,13 @@ __all__ = [
     "sites",
     "summary",
     "adapter_parameters",
+    "merge",
+    "MergeError",
+    "export",
+    "ExportError",
+    "save_adapter",
+    "load_adapter",
+    "AdapterFileError",
     "LinearSite",
     "Layout",
     "Extra",

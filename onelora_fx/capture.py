@@ -28,7 +28,7 @@ from torch.export import Dim
 
 from . import modes
 
-__all__ = ["Capture", "CaptureError", "Captured", "capture", "own_module_tree", "own_buffers"]
+__all__ = ["Capture", "CaptureError", "Captured", "capture", "copy_graph_module", "own_module_tree", "own_buffers"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,24 @@ def own_module_tree(root: nn.Module, _memo: Optional[dict[int, nn.Module]] = Non
         root._modules[name] = memo[id(child)]
 
 
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A second GraphModule over a copy of ``gm``'s graph and module tree, sharing every
+    tensor: what a pass that must not change its input works on."""
+    new = torch.fx.GraphModule.__new__(torch.fx.GraphModule)  # its own class: forward lives there
+    new.__dict__ = dict(gm.__dict__)
+    new._parameters = dict(gm._parameters)
+    new._buffers = dict(gm._buffers)
+    new._modules = dict(gm._modules)
+    new.meta = dict(gm.meta)
+    type(new).__name__ = type(gm).__name__
+    own_module_tree(new)
+    with warnings.catch_warnings():  # torch's own pytree spec copy warns about itself
+        warnings.simplefilter("ignore", FutureWarning)
+        graph = copy.deepcopy(gm.graph)
+    new.graph = graph  # sets owning_module and recompiles
+    return new
+
+
 def own_buffers(root: nn.Module) -> dict[str, torch.Tensor]:
     """Give ``root`` copies of its buffers; returns ``{name: the original tensor}``."""
     originals, copies = {}, {}
@@ -95,7 +113,7 @@ def own_buffers(root: nn.Module) -> dict[str, torch.Tensor]:
     return originals
 
 
-def _auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+def auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> Any:
     """Every dimension of every tensor input as ``Dim.AUTO``: torch.export keeps a dim
     dynamic unless the model pins it (channels, hidden sizes), so batch and sequence
     lengths other than the examples' work without the user naming them."""
@@ -130,7 +148,7 @@ def _trace_fx(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> tor
 
 
 def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> torch.fx.GraphModule:
-    shapes = _auto_dynamic_shapes(model, args, kwargs) if dynamic else None
+    shapes = auto_dynamic_shapes(model, args, kwargs) if dynamic else None
     ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
     exported = ep.module()
     # A plain GraphModule over the same graph: torch's .module() disables train/eval.

@@ -1,0 +1,249 @@
+"""merge, export and adapter files: the deploy path of DESIGN.md."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import onelora_fx as ol
+from handwritten import MODULES, example
+from onelora_fx import zoo
+from onelora_fx.capture import capture
+from reference import first_tensor, randomize_adapters, tolerance
+
+pytest.importorskip("transformers")
+
+FAMILIES = ["llama-tiny", "gpt2-tiny", "bert-tiny", "vit-tiny", "depth-anything-tiny", "dit-tiny"]
+
+
+def close(actual, expected, dtype=torch.float32):
+    tol = tolerance(dtype)
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual, expected, rtol=0, atol=tol["atol"] * scale)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    name = request.param
+    model, args, kwargs = zoo.build(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base_nodes = len(capture(model, args, kwargs).gm.graph.nodes)
+        gm = ol.transform(model, "all-linear", example_inputs=args, example_kwargs=kwargs)
+    randomize_adapters(gm, seed=5)
+    gm.eval()
+    model.eval()
+    return name, model, gm, args, kwargs, base_nodes
+
+
+def fresh_instance(model):
+    """A new, randomly initialised model of the same architecture."""
+    torch.manual_seed(123)
+    if hasattr(model, "from_config"):  # diffusers
+        return type(model).from_config(model.config)
+    return type(model)(model.config)  # transformers
+
+
+def out(m, args, kwargs):
+    with torch.no_grad():
+        return first_tensor(m(*args, **kwargs))
+
+
+def test_merged_equals_adapted_and_is_the_base_graph(family):
+    name, model, gm, args, kwargs, base_nodes = family
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    adapted_before = {k: v.clone() for k, v in gm.state_dict().items()}
+    merged = ol.merge(gm)
+    merged.eval()
+    close(out(merged, args, kwargs), out(gm, args, kwargs))
+    assert not any(n.op == "call_function" and "onelora" in str(n.target) for n in merged.graph.nodes)
+    assert len(merged.graph.nodes) == base_nodes
+    # inplace=False changes neither the model nor the adapted module
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for k, v in gm.state_dict().items():
+        assert torch.equal(v, adapted_before[k]), k
+    # the merged state dict is the model's, and a fresh model reproduces the outputs
+    fresh = fresh_instance(model)
+    fresh.load_state_dict(merged.state_dict(), strict=True)
+    fresh.eval()
+    close(out(fresh, args, kwargs), out(gm, args, kwargs))
+
+
+def test_export_round_trip_at_other_shapes(family, tmp_path):
+    name, model, gm, args, kwargs, _ = family
+    path = tmp_path / f"{name}.pt2"
+    ep = ol.export(gm, args, kwargs, path=path)
+    assert not any("onelora" in str(n.target) for n in ep.graph.nodes)
+    loaded = torch.export.load(str(path)).module()
+    merged = ol.merge(gm).eval()
+    shapes = [(2, 8), (3, 8), (2, 11), (3, 5)] if "input_ids" in kwargs else [(2, 0), (3, 0)]
+    for batch, seq in shapes:
+        inputs = {}
+        for k, v in kwargs.items():
+            if k == "input_ids":
+                inputs[k] = torch.randint(0, 100, (batch, seq))
+            elif isinstance(v, torch.Tensor) and v.dim() >= 1:
+                inputs[k] = torch.cat([v] * 2)[:batch] if v.dim() == 1 else torch.randn(batch, *v.shape[1:])
+            else:
+                inputs[k] = v
+        close(out(loaded, args, inputs), out(merged, args, inputs))
+
+
+@settings(max_examples=20, deadline=None)
+@given(name=st.sampled_from(sorted(MODULES)), dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 999))
+def test_merge_handwritten(name, dtype, seed):
+    torch.manual_seed(seed)
+    model = MODULES[name]().to(dtype)
+    x = example(name, (3, 5), 8, 4, dtype, seed)
+    pattern = "all-linear" if name == "tied" else "all"  # a tied head cannot load into a tied model
+    gm = ol.transform(model, pattern)
+    randomize_adapters(gm, seed)
+    merged = ol.merge(gm)
+    assert len(merged.graph.nodes) == len(capture(model).gm.graph.nodes)
+    if dtype == torch.float32:
+        close(merged(x), gm(x))
+    else:  # no worse than the adapted module's own bfloat16 error against float32
+        ref = copy.deepcopy(gm).float()
+        x32 = x.float() if x.is_floating_point() else x
+        err_adapted = (gm(x).float() - ref(x32)).abs().max()
+        err_merged = (merged(x).float() - ref(x32)).abs().max()
+        assert err_merged <= 2 * err_adapted + 1e-2
+    fresh = MODULES[name]().to(dtype)
+    fresh.load_state_dict(merged.state_dict(), strict=True)
+    assert torch.equal(fresh(x), merged(x))
+
+
+def test_inplace_merge_writes_into_the_model():
+    torch.manual_seed(0)
+    model = MODULES["mlp"]()
+    x = torch.randn(4, 8)
+    gm = ol.transform(model, "all-linear", train=("bias",))
+    randomize_adapters(gm, 1)
+    with torch.no_grad():
+        gm.fc1.bias.add_(1.0)  # a trained extra
+    expected = gm(x)
+    weight = model.fc1.weight
+    ptr = weight.data_ptr()
+    merged = ol.merge(gm, inplace=True)
+    assert merged is gm
+    assert model.fc1.weight is weight and weight.data_ptr() == ptr, "no new weight memory"
+    torch.testing.assert_close(model(x), expected)  # the model is now the fine-tuned one
+    torch.testing.assert_close(merged(x), expected)
+    assert merged.fc1.bias is model.fc1.bias
+    with pytest.raises(ol.MergeError, match="nothing to merge"):
+        ol.merge(gm)
+
+
+def test_tied_weight_gets_its_own_copy():
+    torch.manual_seed(0)
+    model = MODULES["tied"]()
+    ids = torch.randint(0, 16, (2, 5))
+    embed_before = model.embed.weight.clone()
+    gm = ol.transform(model, "all")
+    randomize_adapters(gm, 2)
+    expected = gm(ids)
+    merged = ol.merge(gm, inplace=True)
+    torch.testing.assert_close(merged(ids), expected)
+    assert torch.equal(model.embed.weight, embed_before), "the embedding keeps the original"
+    assert merged.lm_head.weight is not merged.embed.weight
+
+
+def test_bad_b_is_refused_and_nothing_changes():
+    model = MODULES["mlp"]()
+    gm = ol.transform(model, "all")
+    with torch.no_grad():
+        gm.fc2.onelora_b[3] = float("nan")
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    with pytest.raises(ol.MergeError, match=r"fc2\.onelora_b.*non-finite"):
+        ol.merge(gm, inplace=True)
+    after = gm.state_dict()
+    assert set(after) == set(before)
+    for k in before:
+        assert torch.equal(after[k], before[k]) or (torch.isnan(after[k]).any() and k.endswith("onelora_b"))
+    half = ol.transform(MODULES["mlp"]().half(), "all")
+    with torch.no_grad():
+        half.fc1.onelora_b.fill_(60000.0)
+        half.fc1.weight.add_(10000.0)
+    with pytest.raises(ol.MergeError, match="overflows"):
+        ol.merge(half)
+
+
+# ---------------------------------------------------------------------------------
+# adapter files
+
+
+def adapted_mlp(seed=0, train=()):
+    torch.manual_seed(0)
+    gm = ol.transform(MODULES["mlp"](), "all-linear", train=train)
+    randomize_adapters(gm, seed)
+    return gm
+
+
+def snapshot(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def unchanged(m, snap):
+    return all(torch.equal(v, snap[k]) for k, v in m.state_dict().items())
+
+
+def test_adapter_round_trip_is_exact(tmp_path):
+    gm = adapted_mlp(seed=3, train=("norm", "bias"))
+    x = torch.randn(5, 8)
+    path = ol.save_adapter(gm, tmp_path / "a.safetensors")
+    fresh = adapted_mlp(seed=9, train=("norm", "bias"))
+    assert not torch.equal(fresh(x), gm(x))
+    ol.load_adapter(fresh, path)
+    assert torch.equal(fresh(x), gm(x))
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        assert set(f.keys()) == set(ol.adapter_parameters(gm))
+    assert meta["format"].startswith("onelora_fx.adapter") and meta["pattern"] == "all-linear"
+    assert '"site": "fc1"' in meta["sites"]
+
+
+def test_bad_adapter_files_change_nothing(tmp_path):
+    gm = adapted_mlp(seed=3)
+    good = ol.save_adapter(gm, tmp_path / "good.safetensors")
+    target = adapted_mlp(seed=4)
+    snap = snapshot(target)
+
+    other = ol.transform(MODULES["mlp"](d_hidden=12), "all-linear")  # other shapes
+    shape_file = ol.save_adapter(other, tmp_path / "shape.safetensors")
+    missing_file = ol.save_adapter(ol.transform(MODULES["mlp"](), "fc1"), tmp_path / "missing.safetensors")
+    extra_file = ol.save_adapter(ol.transform(MODULES["mlp"](), "all"), tmp_path / "extra.safetensors")
+    dtype_file = ol.save_adapter(ol.transform(MODULES["mlp"]().double(), "all-linear"), tmp_path / "dtype.safetensors")
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) - 7])
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\xff" * 8 + data[8:])
+    not_ours = tmp_path / "plain.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"fc1.onelora_b": torch.zeros(16)}, str(not_ours))
+
+    cases = {
+        shape_file: "shape",
+        missing_file: "missing from the file",
+        extra_file: "not in this module",
+        dtype_file: "dtype",
+        truncated: "truncated or corrupt",
+        corrupt: "truncated or corrupt",
+        not_ours: "not an onelora_fx adapter",
+    }
+    for path, message in cases.items():
+        with pytest.raises(ol.AdapterFileError, match=message):
+            ol.load_adapter(target, path)
+        assert unchanged(target, snap), path
+    with pytest.raises(FileNotFoundError):
+        ol.load_adapter(target, tmp_path / "nope.safetensors")
+    assert unchanged(target, snap)
