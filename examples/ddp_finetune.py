@@ -1,0 +1,91 @@
+"""1LoRA with torch.distributed: data-parallel fine-tuning over 2 CPU processes (gloo).
+
+    torchrun --nproc-per-node 2 examples/ddp_finetune.py           # DistributedDataParallel
+    torchrun --nproc-per-node 2 examples/ddp_finetune.py --fsdp    # FSDP2 fully_shard
+
+Every rank builds the same model (same seed), adapts it, and trains on its slice of one
+fixed global batch. Only the ``b`` vectors require grad, so they are all that DDP
+all-reduces (frozen base weights never enter a gradient bucket) and all that FSDP2
+reduce-scatters. On GPUs use the ``nccl`` backend and move the model to
+``cuda:<LOCAL_RANK>`` before ``ol.transform``; nothing else changes.
+"""
+
+import argparse
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+import onelora_fx as ol
+from onelora_fx import zoo
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard instead of DDP")
+parser.add_argument("--steps", type=int, default=10)
+args = parser.parse_args()
+
+dist.init_process_group("gloo")  # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)  # the same base weights on every rank
+model, _, example = zoo.llama(layers=2, hidden=64, intermediate=128, vocab=128)
+gm = ol.transform(model, "all-linear", example_kwargs=example)
+vocab = model.config.vocab_size
+
+sent = []  # elements each DDP all-reduce carries
+if args.fsdp:
+    # Shard the whole graph as one unit: a captured graph reads its weights with get_attr
+    # and never calls its submodules, so per-layer fully_shard hooks would never run.
+    fully_shard(gm)
+    net = gm
+else:
+    net = DistributedDataParallel(gm)
+
+    def counting_allreduce(state, bucket):
+        sent.append(bucket.buffer().numel())
+        return allreduce_hook(None, bucket)
+
+    net.register_comm_hook(None, counting_allreduce)
+
+trained = ol.adapter_parameters(gm)  # after fully_shard: FSDP2 swaps in sharded tensors
+opt = torch.optim.AdamW(trained.values(), lr=3e-3)
+
+# One fixed global batch of 8 sequences; each rank takes its 8 / world of them. The loss is
+# a mean over equal shards, and DDP / FSDP2 average gradients over ranks, so every step
+# follows the gradient of the mean loss over the global batch.
+if 8 % world:
+    raise SystemExit(f"the global batch of 8 does not split evenly over {world} ranks")
+ids = torch.randint(0, vocab, (8, 16), generator=torch.Generator().manual_seed(1))
+local = ids.chunk(world)[rank]
+for step in range(args.steps):
+    logits = net(input_ids=local).logits
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, vocab), local[:, 1:].reshape(-1))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    global_loss = loss.detach().clone()
+    dist.all_reduce(global_loss, op=dist.ReduceOp.AVG)
+    if rank == 0 and (step % 3 == 0 or step == args.steps - 1):
+        print(f"step {step:2d}  loss {global_loss.item():.4f}")
+
+params = list(gm.parameters())
+n_total = sum(p.numel() for p in params)
+n_trained = sum(p.numel() for p in params if p.requires_grad)
+if args.fsdp:
+    # Each rank stores 1/world of every parameter; forward all-gathers them, backward
+    # reduce-scatters the gradients of the b vectors only.
+    local_numel = sum(p.to_local().numel() for p in params)
+    summary = f"FSDP2: this rank stores {local_numel:,} of {n_total:,} parameters"
+else:
+    per_step = sum(sent) // args.steps
+    summary = f"DDP: all-reduced {per_step:,} gradient elements per step"
+    if per_step != n_trained:
+        raise RuntimeError(f"DDP all-reduced {per_step} elements per step, expected {n_trained}")
+# Gather the b vectors (a collective under FSDP2: every rank calls it), e.g. to save them.
+b = {n: (p.full_tensor() if args.fsdp else p).detach() for n, p in trained.items()}
+if rank == 0:
+    print(f"world {world}; trainable {n_trained:,} of {n_total:,} parameters; {summary}")
+    print(f"{len(b)} b vectors, norm {torch.cat(list(b.values())).norm():.4f}")
+dist.destroy_process_group()
