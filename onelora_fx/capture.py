@@ -116,11 +116,13 @@ def own_buffers(root: nn.Module) -> dict[str, torch.Tensor]:
 def auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> Any:
     """Every dimension of every tensor input as ``Dim.AUTO``: torch.export keeps a dim
     dynamic unless the model pins it (channels, hidden sizes), so batch and sequence
-    lengths other than the examples' work without the user naming them."""
+    lengths other than the examples' work without the user naming them. Dimensions of
+    size 1 stay static (torch would specialize them): use examples of 2 or more."""
 
     def spec(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            return {d: Dim.AUTO for d in range(value.dim())} or None
+            # size-1 dims would be specialized anyway (with a warning per dim)
+            return {d: Dim.AUTO for d in range(value.dim()) if value.shape[d] != 1} or None
         if isinstance(value, (list, tuple)):
             return type(value)(spec(v) for v in value)
         if isinstance(value, dict):
