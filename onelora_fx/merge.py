@@ -105,18 +105,30 @@ def _canonical(graph: fx.Graph, node: fx.Node) -> fx.Node:
     return graph.call_function(aten.matmul.default, (x, weight))
 
 
-def _readers_elsewhere(gm: fx.GraphModule, sites: list[LinearSite]) -> list[tuple[fx.Node, fx.Node]]:
+def _get_attr_readers(gm: fx.GraphModule) -> dict[int, list[fx.Node]]:
+    """``id(tensor) -> get_attr nodes`` that read it, for the whole graph at once."""
+    readers: dict[int, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            readers.setdefault(id(_resolve(gm, node.target)), []).append(node)
+    return readers
+
+
+def _readers_elsewhere(
+    gm: fx.GraphModule, sites: list[LinearSite], readers: Optional[dict[int, list[fx.Node]]] = None
+) -> list[tuple[fx.Node, fx.Node]]:
     """``(get_attr, user)`` pairs through which something other than the adapted calls
     reads their weight (under any name). A transpose that feeds only adapted calls
     (``matmul(x, t(W))``) belongs to them."""
-    weight = sites[0].weight
+    readers = _get_attr_readers(gm) if readers is None else readers
     calls = {s.node for s in sites}
     own_views = {s.weight_arg for s in sites if s.weight_arg is not None and set(s.weight_arg.users) <= calls}
-    out = []
-    for node in gm.graph.nodes:
-        if node.op == "get_attr" and _resolve(gm, node.target) is weight:
-            out += [(node, u) for u in node.users if u not in calls and u not in own_views]
-    return out
+    return [
+        (node, u)
+        for node in readers.get(id(sites[0].weight), [])
+        for u in node.users
+        if u not in calls and u not in own_views
+    ]
 
 
 def _resolve(root: nn.Module, target: str):
@@ -141,11 +153,14 @@ def _plan(root: nn.Module, found: list[LinearSite], check: bool = True) -> list[
         raise MergeError("the module carries no 1LoRA vectors: nothing to merge (was it merged already?)")
     if check:
         _check_finite(groups, root)
+    names: dict[int, int] = {}
+    for _, p in root.named_parameters(remove_duplicate=False):
+        names[id(p)] = names.get(id(p), 0) + 1
+    readers = _get_attr_readers(root) if isinstance(root, fx.GraphModule) else None
     plans = []
     for name, group in groups.items():
-        weight = group[0].weight
-        shared = len(_aliases(root, weight)) > 1 or (
-            isinstance(root, fx.GraphModule) and bool(_readers_elsewhere(root, group))
+        shared = names.get(id(group[0].weight), 0) > 1 or (
+            readers is not None and bool(_readers_elsewhere(root, group, readers))
         )
         plans.append(_Plan(name, group, shared))
     return plans
@@ -160,9 +175,8 @@ def _merge_graph(gm: fx.GraphModule, plans: list[_Plan], inplace: bool) -> None:
             merged = nn.Parameter(fold(first.weight, b, first.layout), requires_grad=False)
             if plan.own_copy:
                 _give_own_copy(gm, plan, merged)
-            else:
-                for alias in _aliases(gm, first.weight):
-                    _set_param(gm, alias, merged)
+            else:  # the weight has one name and only these calls read it
+                _set_param(gm, first.weight_name, merged)
         else:
             _fold_into(first.weight, b, first.layout)
         for s in plan.sites:
