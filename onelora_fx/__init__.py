@@ -9,6 +9,7 @@ Example:
     >>> gm = ol.transform(model, "all-linear", example_kwargs={"input_ids": ids})  # doctest: +SKIP
 """
 
+from . import backend as _backend  # registers torch.compile(..., backend="onelora")
 from .adapters import AdapterFileError, load_adapter, save_adapter
 from .capture import Capture, CaptureError
 from .export import ExportError, export
