@@ -6,11 +6,12 @@
 Every rank builds the same model (same seed), adapts it, and trains on its slice of one
 fixed global batch. Only the ``b`` vectors require grad, so they are all that DDP
 all-reduces (frozen base weights never enter a gradient bucket) and all that FSDP2
-reduce-scatters. On GPUs use the ``nccl`` backend and move the model to
-``cuda:<LOCAL_RANK>`` before ``ol.transform``; nothing else changes.
+reduce-scatters. With GPUs present each rank takes ``cuda:<LOCAL_RANK>`` and the
+``nccl`` backend (that path has not been run on a GPU here).
 """
 
 import argparse
+import os
 
 import torch
 import torch.distributed as dist
@@ -27,11 +28,16 @@ parser.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard inste
 parser.add_argument("--steps", type=int, default=10)
 args = parser.parse_args()
 
-dist.init_process_group("gloo")  # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+cuda = torch.cuda.is_available()
+dist.init_process_group("nccl" if cuda else "gloo")  # torchrun sets RANK, WORLD_SIZE, MASTER_*
 rank, world = dist.get_rank(), dist.get_world_size()
+device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+if cuda:
+    torch.cuda.set_device(device)
 torch.manual_seed(0)  # the same base weights on every rank
 model, _, example = zoo.llama(layers=2, hidden=64, intermediate=128, vocab=128)
-gm = ol.transform(model, "all-linear", example_kwargs=example)
+model.to(device)
+gm = ol.transform(model, "all-linear", example_kwargs={k: v.to(device) for k, v in example.items()})
 vocab = model.config.vocab_size
 
 sent = []  # elements each DDP all-reduce carries
@@ -57,7 +63,7 @@ opt = torch.optim.AdamW(trained.values(), lr=3e-3)
 # follows the gradient of the mean loss over the global batch.
 if 8 % world:
     raise SystemExit(f"the global batch of 8 does not split evenly over {world} ranks")
-ids = torch.randint(0, vocab, (8, 16), generator=torch.Generator().manual_seed(1))
+ids = torch.randint(0, vocab, (8, 16), generator=torch.Generator().manual_seed(1)).to(device)
 local = ids.chunk(world)[rank]
 for step in range(args.steps):
     logits = net(input_ids=local).logits
