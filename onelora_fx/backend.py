@@ -5,10 +5,11 @@ Dynamo hands the backend a torch-level graph. The backend
 1. lowers every ``torch.ops.onelora.linear`` node (what an adapted module becomes under
    ``torch.compile``) to the paper's Listing 1 in plain ops,
    ``linear(x, W, bias) + b * x.sum(-1, keepdim=True)``, which AOTAutograd
-   differentiates and Inductor fuses: ``x.sum(-1)`` and the ``+ b * s`` epilogue become
-   one generated kernel next to the GEMM; backward keeps ``s``, computes ``grad_b`` and
-   ``g @ b`` in one kernel and hands the rank-1 term to ``grad_x``'s GEMM; no
-   weight-sized tensor is made (the weight is frozen);
+   differentiates and Inductor fuses: one generated kernel computes ``s = x.sum(-1)``
+   and ``b * s``, the accumulator of the GEMM's ``addmm``; backward keeps ``s``,
+   computes ``grad_b`` and ``g @ b`` in one kernel and hands the rank-1 term to
+   ``grad_x``'s ``addmm`` as its accumulator; no weight-sized tensor is made (the
+   weight is frozen);
 2. recognises hand-written Listing 1 subgraphs (``add(linear(x, ...), mul(b, x.sum(-1,
    keepdim=True)))``), which are already in that form, and counts them;
 3. hands the graph to Inductor (``compile_fx``) with the ``mode`` / ``options`` given to

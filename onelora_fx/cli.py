@@ -84,7 +84,7 @@ def _inspect(args: argparse.Namespace) -> int:
         try:
             found = sites(model, pattern, exclude=exclude, example_inputs=inputs or None, example_kwargs=kwargs or None)
         except PatternError as e:
-            head = str(e).splitlines()[0].removesuffix(" Available:")
+            head = str(e).splitlines()[0].removesuffix(" Available:").rstrip(".")
             raise UsageError(f"{head}; run `onelora-fx inspect {args.model}` to list them") from None
         except (TypeError, ValueError, CaptureError) as e:
             raise UsageError(str(e).strip().splitlines()[0]) from None
