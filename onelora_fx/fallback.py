@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .capture import own_module_tree
 from .sites import ADAPTER_SUFFIX, Layout, LinearSite, adapter_name_for
 
 __all__ = ["OneLoRALinear", "OneLoRAConv1D", "module_sites", "adapt_modules", "structural_copy"]
@@ -96,8 +97,6 @@ def module_sites(root: nn.Module) -> list[LinearSite]:
 
 def structural_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model``'s module tree that shares its parameter tensors."""
-    from .capture import own_module_tree
-
     root = copy.copy(model)
     root._parameters = dict(model._parameters)
     root._buffers = dict(model._buffers)

@@ -21,7 +21,7 @@ from torch import fx, nn
 from .capture import copy_graph_module
 from .fallback import restore_class, structural_copy
 from .rewrite import Original
-from .sites import Layout, LinearSite, group_by_weight
+from .sites import Layout, LinearSite, group_by_weight, resolve_attr
 from .state import get_state, set_state
 from .transform import adapted_sites
 
@@ -110,7 +110,7 @@ def _get_attr_readers(gm: fx.GraphModule) -> dict[int, list[fx.Node]]:
     readers: dict[int, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            readers.setdefault(id(_resolve(gm, node.target)), []).append(node)
+            readers.setdefault(id(resolve_attr(gm, node.target)), []).append(node)
     return readers
 
 
@@ -129,15 +129,6 @@ def _readers_elsewhere(
         for u in node.users
         if u not in calls and u not in own_views
     ]
-
-
-def _resolve(root: nn.Module, target: str):
-    obj = root
-    for part in str(target).split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
 
 
 @dataclass
@@ -213,7 +204,7 @@ def _give_own_copy(gm: fx.GraphModule, plan: _Plan, merged: nn.Parameter) -> Non
         if keep is None:
             with graph.inserting_before(elsewhere[0][0]):
                 keep = graph.get_attr(others[0])
-    readers = [n for n in graph.nodes if n.op == "get_attr" and _resolve(gm, n.target) is weight]
+    readers = [n for n in graph.nodes if n.op == "get_attr" and resolve_attr(gm, n.target) is weight]
     _set_param(gm, first.weight_name, merged)
     for reader, user in elsewhere:
         user.replace_input_with(reader, keep)

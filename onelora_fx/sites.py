@@ -33,7 +33,7 @@ from torch import fx, nn
 
 from . import ops
 
-__all__ = ["Layout", "LinearSite", "find_sites", "adapter_name_for", "ADAPTER_SUFFIX"]
+__all__ = ["Layout", "LinearSite", "find_sites", "adapter_name_for", "group_by_weight", "resolve_attr", "ADAPTER_SUFFIX"]
 
 ADAPTER_SUFFIX = "onelora_b"
 aten = torch.ops.aten
@@ -146,7 +146,7 @@ def _arg(node: fx.Node, pos: int, kw: str, default: Any = None) -> Any:
 def _match_call(gm: fx.GraphModule, node: fx.Node) -> Optional[_Call]:
     """The linear call ``node`` makes, if any (not yet checked for a parameter weight)."""
     if node.op == "call_module":
-        mod = _get(gm, node.target)
+        mod = resolve_attr(gm, node.target)
         if isinstance(mod, nn.Linear) and node.args:
             return _Call("nn.Linear", node.args[0], None, None, False, owner_hint=node.target)
         return None
@@ -211,8 +211,9 @@ def _unwrap_transpose(node: fx.Node) -> Optional[fx.Node]:
     return None
 
 
-def _get(gm: nn.Module, target: str) -> Any:
-    obj: Any = gm
+def resolve_attr(root: nn.Module, target: str) -> Any:
+    """The object at a dotted attribute path (``get_attr`` target), or None."""
+    obj: Any = root
     for part in str(target).split("."):
         if not part:
             continue
@@ -232,7 +233,7 @@ def _param_of(gm: fx.GraphModule, arg: Any) -> Optional[tuple[str, torch.Tensor,
         arg, flipped = inner, True
     if arg.op != "get_attr":
         return None
-    value = _get(gm, arg.target)
+    value = resolve_attr(gm, arg.target)
     if isinstance(value, nn.Parameter) and value.dim() == 2:
         return str(arg.target), value, flipped
     return None
@@ -249,7 +250,7 @@ def _owner_of(gm: fx.GraphModule, node: fx.Node, target: str, tensor: torch.Tens
     if stack:
         path = list(stack.values())[-1][0]
         path = path if isinstance(path, str) else ""
-        mod = _get(gm, path) if path else None
+        mod = resolve_attr(gm, path) if path else None
         if isinstance(mod, nn.Module):
             for attr, p in mod._parameters.items():
                 if p is tensor:
@@ -290,9 +291,9 @@ def _op_name(node: fx.Node) -> str:
     return getattr(t, "__name__", str(t))
 
 
-def _passes_through(gm: fx.GraphModule, user: fx.Node, src: fx.Node) -> bool:
+def _passes_through(gm: fx.GraphModule, user: fx.Node) -> bool:
     if user.op == "call_module":
-        return isinstance(_get(gm, user.target), _PASS_THROUGH_MODULES)
+        return isinstance(resolve_attr(gm, user.target), _PASS_THROUGH_MODULES)
     if user.op not in ("call_function", "call_method"):
         return False
     name = _op_name(user)
@@ -316,7 +317,7 @@ def _is_head(gm: fx.GraphModule, node: fx.Node) -> bool:
                 return True
             if _op_name(user) in _SHAPE_QUERIES:
                 continue
-            if _passes_through(gm, user, cur):
+            if _passes_through(gm, user):
                 todo.append(user)
     return False
 
@@ -346,7 +347,7 @@ def find_sites(gm: fx.GraphModule) -> list[LinearSite]:
         if call.x.op == "get_attr":  # param @ param is not a layer applied to data
             continue
         if call.owner_hint is not None:
-            weight = _get(gm, call.owner_hint).weight
+            weight = resolve_attr(gm, call.owner_hint).weight
             if isinstance(weight, nn.Parameter) and weight.dim() == 2:
                 found.append((node, call, f"{call.owner_hint}.weight", weight, False))
             continue
@@ -391,7 +392,7 @@ def find_sites(gm: fx.GraphModule) -> list[LinearSite]:
                 out_features=int(out_f),
                 layout=layout,
                 has_bias=call.bias_arg is not None
-                or (call.owner_hint is not None and _get(gm, call.owner_hint).bias is not None),
+                or (call.owner_hint is not None and resolve_attr(gm, call.owner_hint).bias is not None),
                 kind=kind,
                 is_head=_is_head(gm, node),
                 call_index=index,
@@ -415,7 +416,7 @@ def _is_bias_for(gm: fx.GraphModule, arg: Any, weight: torch.Tensor, param_in_ou
     out_f = weight.shape[1] if param_in_out else weight.shape[0]
     if isinstance(arg, fx.Node):
         if arg.op == "get_attr":
-            value = _get(gm, arg.target)
+            value = resolve_attr(gm, arg.target)
         else:
             value = arg.meta.get("val")
         return isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] == out_f

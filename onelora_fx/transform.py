@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from dataclasses import replace
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
@@ -43,10 +44,7 @@ def is_adapted(module: nn.Module) -> bool:
 def adapted_sites(module: nn.Module) -> list[LinearSite]:
     """The sites of an adapted module (``selected`` = carries a 1LoRA vector)."""
     if isinstance(module, fx.GraphModule):
-        found = find_sites(module)
-        from dataclasses import replace
-
-        return [replace(s, selected=s.adapted) for s in found]
+        return [replace(s, selected=s.adapted) for s in find_sites(module)]
     return module_sites(module)
 
 
