@@ -337,18 +337,22 @@ def bubble_plot(all_results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(all_results), figsize=(7 * len(all_results), 5.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(all_results), figsize=(8 * len(all_results), 6), squeeze=False)
+    colors = plt.get_cmap("tab20").colors
     for ax, (workload, results) in zip(axes[0], all_results.items()):
         biggest = max(r["trainable_params"] for r in results.values())
-        for name, r in results.items():
+        for i, (name, r) in enumerate(results.items()):
             if r.get("peak_step_mb") is None:
                 continue
             size = 40 + 2000 * (r["trainable_params"] / biggest) ** 0.5
-            ax.scatter(r["ratio_to_floor"], r["peak_step_mb"], s=size, alpha=0.5)
-            ax.annotate(name, (r["ratio_to_floor"], r["peak_step_mb"]), fontsize=7, ha="center", va="bottom")
+            ax.scatter(r["ratio_to_floor"], r["peak_step_mb"], s=size, alpha=0.55, color=colors[i % 20],
+                       label=f"{name} ({r['trainable_params']:,})")
         ax.set_xlabel("step time / BitFit floor (lower is better)")
-        ax.set_ylabel("peak memory of a training step, MB (lower is better)")
-        ax.set_title(f"{workload}: bubble area ~ trainable parameters")
+        ax.set_ylabel("peak memory added by a training step, MB (lower is better)")
+        ax.set_title(f"{workload}: bubble area ~ sqrt(trainable parameters)")
+        legend = ax.legend(fontsize=7, loc="upper left", markerscale=0.3)
+        for handle in legend.legend_handles:
+            handle.set_sizes([30])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

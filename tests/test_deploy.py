@@ -247,3 +247,25 @@ def test_bad_adapter_files_change_nothing(tmp_path):
     with pytest.raises(FileNotFoundError):
         ol.load_adapter(target, tmp_path / "nope.safetensors")
     assert unchanged(target, snap)
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "vit-tiny"])
+def test_bfloat16_merge_is_no_worse_than_bfloat16_itself(name):
+    """Merging a bfloat16 model in float32 adds no error beyond what bfloat16 already has."""
+    model, args, kwargs = zoo.build(name)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm32 = ol.transform(model, "all-linear", example_inputs=args, example_kwargs=kwargs)
+        randomize_adapters(gm32, seed=7)
+        reference = out(gm32.eval(), args, kwargs)  # float32 truth
+        model16 = copy.deepcopy(model).to(torch.bfloat16)
+        kwargs16 = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in kwargs.items()}
+        gm16 = ol.transform(model16, "all-linear", example_inputs=args, example_kwargs=kwargs16)
+    with torch.no_grad():
+        for name_, b in ol.adapter_parameters(gm16).items():
+            b.copy_(gm32.get_parameter(name_).to(torch.bfloat16))
+    merged16 = ol.merge(gm16).eval()
+    err_adapted = (out(gm16.eval(), args, kwargs16).float() - reference).abs().max().item()
+    err_merged = (out(merged16, args, kwargs16).float() - reference).abs().max().item()
+    assert err_merged <= 1.5 * err_adapted + 1e-3, (err_merged, err_adapted)
