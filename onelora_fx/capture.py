@@ -102,14 +102,18 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 def own_buffers(root: nn.Module) -> dict[str, torch.Tensor]:
     """Give ``root`` copies of its buffers; returns ``{name: the original tensor}``."""
-    originals, copies = {}, {}
+    originals: dict[str, torch.Tensor] = {}
+    slots = []  # every (module, name) holding a buffer, a shared module listed once
     for prefix, module in root.named_modules(remove_duplicate=False):
-        for name, buf in list(module._buffers.items()):
+        for name, buf in module._buffers.items():
             if buf is not None:
                 originals[f"{prefix}.{name}" if prefix else name] = buf
-                if id(buf) not in copies:
-                    copies[id(buf)] = buf.clone()
-                module._buffers[name] = copies[id(buf)]
+                slots.append((module, name, buf))
+    copies: dict[int, torch.Tensor] = {}
+    for module, name, buf in slots:
+        if id(buf) not in copies:
+            copies[id(buf)] = buf.clone()
+        module._buffers[name] = copies[id(buf)]
     return originals
 
 

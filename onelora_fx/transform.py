@@ -111,16 +111,18 @@ def _extra_names(root: nn.Module, model: nn.Module, found: Sequence[LinearSite],
 
 def _train_copies(root: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
     """Replace each named parameter (all its aliases) by a trainable copy."""
-    originals = {}
+    originals: dict[str, torch.Tensor] = {}
+    copies: set[int] = set()
     for name in names:
         old = root.get_parameter(name)
-        if any(old is o for o in originals.values()):
-            continue  # an alias of one already copied (a tied weight)
+        if id(old) in copies:
+            continue  # an alias of one already copied (a tied weight): it is the copy now
         new = nn.Parameter(old.detach().clone(), requires_grad=True)
         for m in root.modules():
             for attr, p in m._parameters.items():
                 if p is old:
                     m._parameters[attr] = new
+        copies.add(id(new))
         originals[name] = old
     return originals
 

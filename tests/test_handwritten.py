@@ -178,3 +178,22 @@ def test_train_extras():
     assert {n for n, p in head.named_parameters() if p.requires_grad} == {
         "fc1.onelora_b", "fc2.onelora_b", "head.weight", "head.bias",
     }
+
+
+def test_a_tied_head_trained_in_full_stays_tied():
+    model = MODULES["tied"]()
+    gm = ol.transform(model, "all-linear", train="head")
+    assert gm.lm_head.weight is gm.embed.weight, "one trainable copy for both names"
+    assert gm.lm_head.weight is not model.lm_head.weight and gm.lm_head.weight.requires_grad
+    assert list(ol.adapter_parameters(gm)) == ["mix.onelora_b", "lm_head.weight"]
+
+
+def test_train_copies_copies_an_aliased_parameter_once():
+    from onelora_fx.capture import own_module_tree
+    from onelora_fx.transform import _train_copies
+
+    root = MODULES["tied"]()
+    own_module_tree(root)
+    originals = _train_copies(root, ["lm_head.weight", "embed.weight"])
+    assert list(originals) == ["lm_head.weight"]
+    assert root.lm_head.weight is root.embed.weight and root.embed.weight.requires_grad
