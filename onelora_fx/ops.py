@@ -10,8 +10,8 @@ three lowerings:
 * traced (``torch.compile`` / ``torch.export``): the registered custom op
   ``torch.ops.onelora.linear`` with the same kernels, a fake (meta) implementation for
   shapes, and the same backward, so the node stays findable in any captured graph.
-* decomposed: :func:`decompose`, the paper's Listing 1 in plain aten ops, which the
-  ``onelora`` compile backend hands to Inductor and which ``merge`` folds away.
+* decomposed: :func:`decompose`, the paper's Listing 1 in plain ops, which the
+  ``onelora`` compile backend puts in place of the custom op for Inductor to fuse.
 
 Why an autograd.Function in eager and not the custom op everywhere: a custom op call
 costs ~120 µs of Python dispatch on CPU against ~30 µs for the Function; over the 56

@@ -98,11 +98,6 @@ class LinearSite:
     arg_transposed: bool = field(default=False, compare=False, repr=False)
     weight: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
 
-    @property
-    def params(self) -> int:
-        """Trainable parameters 1LoRA adds for this weight (``out_features``)."""
-        return self.out_features
-
 
 def adapter_name_for(owner: str, attr: str) -> str:
     """``encoder.q.weight`` -> ``encoder.q.onelora_b``; ``experts.w1`` -> ``experts.w1_onelora_b``."""
