@@ -138,12 +138,14 @@ class _Plan:
     own_copy: bool  # the weight is also used elsewhere: give the adapted calls a copy
 
 
-def _plan(root: nn.Module, found: list[LinearSite], check: bool = True) -> list[_Plan]:
+def _groups(found: list[LinearSite]) -> dict[str, list[LinearSite]]:
     groups = group_by_weight(s for s in found if s.adapted)
     if not groups:
         raise MergeError("the module carries no 1LoRA vectors: nothing to merge (was it merged already?)")
-    if check:
-        _check_finite(groups, root)
+    return groups
+
+
+def _plan(root: nn.Module, groups: dict[str, list[LinearSite]]) -> list[_Plan]:
     names: dict[int, int] = {}
     for _, p in root.named_parameters(remove_duplicate=False):
         names[id(p)] = names.get(id(p), 0) + 1
@@ -204,7 +206,8 @@ def _give_own_copy(gm: fx.GraphModule, plan: _Plan, merged: nn.Parameter) -> Non
         if keep is None:
             with graph.inserting_before(elsewhere[0][0]):
                 keep = graph.get_attr(others[0])
-    readers = [n for n in graph.nodes if n.op == "get_attr" and resolve_attr(gm, n.target) is weight]
+    readers = _get_attr_readers(gm).get(id(weight), [])
+    others_users = {user for _, user in elsewhere}
     _set_param(gm, first.weight_name, merged)
     for reader, user in elsewhere:
         user.replace_input_with(reader, keep)
@@ -213,9 +216,7 @@ def _give_own_copy(gm: fx.GraphModule, plan: _Plan, merged: nn.Parameter) -> Non
         if reader.target != first.weight_name:
             with graph.inserting_before(reader):
                 own = graph.get_attr(first.weight_name)
-            for user in list(reader.users):
-                if user is not keep and (user, reader) not in {(u, r) for r, u in elsewhere}:
-                    user.replace_input_with(reader, own)
+            reader.replace_all_uses_with(own, delete_user_cb=lambda user: user not in others_users and user is not own)
 
 
 def _merge_modules(root: nn.Module, plans: list[_Plan], inplace: bool) -> None:
@@ -274,11 +275,11 @@ def merge(gm: nn.Module, *, inplace: bool = False) -> nn.Module:
     """
     if not isinstance(gm, nn.Module):
         raise TypeError(f"merge() takes an adapted module, got {type(gm).__name__}")
-    plans = _plan(gm, adapted_sites(gm))
+    _check_finite(_groups(adapted_sites(gm)), gm)  # before anything is copied or changed
     target = gm
     if not inplace:
         target = copy_graph_module(gm) if isinstance(gm, fx.GraphModule) else structural_copy(gm)
-        plans = _plan(target, adapted_sites(target), check=False)
+    plans = _plan(target, _groups(adapted_sites(target)))
     if isinstance(target, fx.GraphModule):
         _merge_graph(target, plans, inplace)
     else:
