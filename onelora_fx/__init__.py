@@ -13,19 +13,24 @@ from . import backend as _backend  # registers torch.compile(..., backend="onelo
 from .adapters import AdapterFileError, load_adapter, save_adapter
 from .capture import Capture, CaptureError
 from .export import ExportError, export
-from .merge import MergeError, merge
+from .fold import MergeError
+from .graph_module import MoveError
+from .merge import merge
 from .patterns import PatternError
+from .query import adapted_sites, adapter_parameters, is_adapted
 from .rewrite import AlreadyAdaptedError
 from .sites import Layout, LinearSite
 from .state import Extra
 from .summary import summary
-from .transform import adapter_parameters, sites, transform
+from .transform import sites, transform
 
 __all__ = [
     "transform",
     "sites",
     "summary",
     "adapter_parameters",
+    "adapted_sites",
+    "is_adapted",
     "merge",
     "MergeError",
     "export",
@@ -38,6 +43,7 @@ __all__ = [
     "Extra",
     "Capture",
     "CaptureError",
+    "MoveError",
     "PatternError",
     "AlreadyAdaptedError",
 ]

@@ -3,39 +3,44 @@
 A file holds the ``b`` vectors and any ``train`` extras of an adapted module, by their
 names in that module, plus metadata: the format version, the pattern, each adapted
 site's name and shape, and the dtypes. A 7B LLaMA adapter (all-linear) is 1.4 M
-float32 values: about 5 MB (2.7 MB in bfloat16).
+float32 values: about 5 MB (2.7 MB in bfloat16). Names are the same in the graph form
+and the module form, so a file saved from one loads into the other.
 
 :func:`load_adapter` checks the whole file against the module before it writes a single
-value, so a wrong, truncated or corrupt file leaves the module exactly as it was.
+value, so a wrong, truncated, corrupt or non-finite file leaves the module exactly as it
+was. :func:`save_adapter` writes to a temporary file next to the target and renames it,
+so a failed save never leaves half a file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from .query import adapted_sites, adapter_parameters
 from .state import get_state
-from .transform import adapted_sites, adapter_parameters
 
-__all__ = ["save_adapter", "load_adapter", "AdapterFileError", "FORMAT"]
+__all__ = ["save_adapter", "load_adapter", "AdapterFileError", "FORMAT", "read_adapter", "check_fits"]
 
 FORMAT = "onelora_fx.adapter/1"
 
 
 class AdapterFileError(ValueError):
-    """An adapter file that does not fit the module (or is not an adapter file)."""
+    """An adapter file that does not fit the module, is not an adapter file, or cannot
+    be written where it was asked to go."""
 
 
 def _metadata(module: nn.Module) -> dict[str, str]:
     state = get_state(module)
     sites = [
         {"site": s.name, "vector": s.adapter_name, "weight": s.weight_name, "out_features": s.out_features,
-         "in_features": s.in_features, "layout": s.layout.value}
+         "in_features": s.in_features, "layout": s.layout.value, **({"experts": s.experts} if s.experts else {})}
         for s in adapted_sites(module)
         if s.adapted and s.call_index == 0
     ]
@@ -47,25 +52,50 @@ def _metadata(module: nn.Module) -> dict[str, str]:
     }
 
 
+def write_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
+    """safetensors ``tensors`` at ``path``, atomically; errors name ``path``."""
+    from safetensors.torch import save_file
+
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise AdapterFileError(f"cannot write the adapter to {path}: it is a directory; give a file name")
+    if not parent.is_dir():
+        raise AdapterFileError(f"cannot write the adapter to {path}: folder {parent} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=parent)
+    except OSError as e:
+        raise AdapterFileError(f"cannot write the adapter to {path}: {e.strerror or e} (folder {parent})") from e
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except Exception as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise AdapterFileError(f"cannot write the adapter to {path}: {e}") from e
+    return path
+
+
 def save_adapter(module: nn.Module, path: str | os.PathLike) -> Path:
     """Write the trained tensors of an adapted module to ``path`` (safetensors).
 
     Example:
         >>> ol.save_adapter(gm, "adapter.safetensors")      # doctest: +SKIP
-    """
-    from safetensors.torch import save_file
 
+    Raises:
+        AdapterFileError: ``path`` is a directory, its folder is missing or not writable.
+        ValueError: the module carries no 1LoRA vectors.
+    """
     tensors = {name: p.detach().contiguous().cpu() for name, p in adapter_parameters(module).items()}
     if not tensors:
         raise ValueError("the module carries no 1LoRA vectors: nothing to save (transform it first)")
-    path = Path(path)
-    save_file(tensors, str(path), metadata=_metadata(module))
-    return path
+    return write_tensors(tensors, Path(path), _metadata(module))
 
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and metadata of an adapter file, checked to be one (and finite)."""
     from safetensors import safe_open
 
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no adapter file at {path}")
     try:
@@ -76,24 +106,15 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise AdapterFileError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); it may be truncated or corrupt") from e
     if meta.get("format") != FORMAT:
         raise AdapterFileError(f"{path} is not an onelora_fx adapter (format {meta.get('format')!r}, expected {FORMAT!r})")
+    bad = sorted(name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
+    if bad:
+        raise AdapterFileError(f"{path} holds non-finite values (NaN or infinity) in {', '.join(bad[:8])}; it was not loaded")
     return tensors, meta
 
 
-def load_adapter(module: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load trained tensors saved by :func:`save_adapter` into an adapted module.
-
-    Everything is checked first (the file reads, names match exactly, shapes and dtypes
-    agree); any mismatch raises :class:`AdapterFileError` and no tensor is changed.
-
-    Example:
-        >>> gm = ol.transform(model, "all-linear", example_kwargs=kw)   # doctest: +SKIP
-        >>> ol.load_adapter(gm, "adapter.safetensors")                  # doctest: +SKIP
-    """
-    path = Path(path)
-    tensors, meta = _read(path)
-    targets = adapter_parameters(module)
-    if not targets:
-        raise AdapterFileError("the module carries no 1LoRA vectors: transform the base model first, then load")
+def check_fits(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where: str, meta: Optional[dict] = None) -> None:
+    """Raise :class:`AdapterFileError` unless ``tensors`` has exactly ``targets``' names,
+    shapes and dtypes."""
     missing = sorted(set(targets) - set(tensors))
     unexpected = sorted(set(tensors) - set(targets))
     problems = []
@@ -108,10 +129,27 @@ def load_adapter(module: nn.Module, path: str | os.PathLike) -> nn.Module:
         elif want.dtype != got.dtype:
             problems.append(f"{name}: dtype {got.dtype} in the file, {want.dtype} in the module")
     if problems:
-        raise AdapterFileError(
-            f"{path} does not fit this module (saved with pattern {meta.get('pattern')!r}, "
-            f"train={meta.get('train')}):\n  " + "\n  ".join(problems)
-        )
+        saved = f" (saved with pattern {meta.get('pattern')!r}, train={meta.get('train')})" if meta else ""
+        raise AdapterFileError(f"{where} does not fit this module{saved}:\n  " + "\n  ".join(problems))
+
+
+def load_adapter(module: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load trained tensors saved by :func:`save_adapter` into an adapted module.
+
+    Everything is checked first (the file reads, its values are finite, names match
+    exactly, shapes and dtypes agree); any mismatch raises :class:`AdapterFileError` and
+    no tensor is changed. A file saved from the graph form loads into the module form
+    of the same model and the other way round.
+
+    Example:
+        >>> gm = ol.transform(model, "all-linear", example_kwargs=kw)   # doctest: +SKIP
+        >>> ol.load_adapter(gm, "adapter.safetensors")                  # doctest: +SKIP
+    """
+    tensors, meta = read_adapter(path)
+    targets = adapter_parameters(module)
+    if not targets:
+        raise AdapterFileError("the module carries no 1LoRA vectors: transform the base model first, then load")
+    check_fits(targets, tensors, str(path), meta)
     with torch.no_grad():
         for name, p in targets.items():
             p.copy_(tensors[name].to(p.device))

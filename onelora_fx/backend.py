@@ -24,25 +24,29 @@ Counts are in ``torch._dynamo.utils.counters["onelora"]``: ``"lowered"`` (our op
 ``"listing1"`` (hand-written), ``"graphs"`` (graphs compiled). The rewrite happens on
 Dynamo's graph before Inductor sees it, so Inductor's FX-graph cache keys on the
 rewritten graph: no custom Inductor pass, nothing to version with a ``uuid``.
+
+The backend is registered with ``torch._dynamo.register_backend`` (the documented way
+to name a backend) unless ``torch.compiler.list_backends()`` already lists it, which is
+the case when the package is installed: torch then finds it through the
+``torch_dynamo_backends`` entry point.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import operator
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 
 from . import ops  # noqa: F401  (registers torch.ops.onelora.linear)
+from .compat import compile_with_inductor, counters
+from .linear_ops import Kind, kind_of
 
 __all__ = ["onelora_backend", "lower", "BACKEND_NAME"]
 
 BACKEND_NAME = "onelora"
 _OURS = (torch.ops.onelora.linear, torch.ops.onelora.linear.default)
-_LINEAR = (F.linear, torch._C._nn.linear, torch.ops.aten.linear.default)
 _SUM = (torch.sum, torch.ops.aten.sum.dim_IntList)
 _MUL = (operator.mul, torch.mul, torch.ops.aten.mul.Tensor)
 _ADD = (operator.add, torch.add, torch.ops.aten.add.Tensor)
@@ -67,7 +71,7 @@ def _is_listing1(node: fx.Node) -> bool:
     if node.op != "call_function" or node.target not in _ADD or len(node.args) != 2:
         return False
     for lin, upd in (node.args, node.args[::-1]):
-        if not (isinstance(lin, fx.Node) and lin.op == "call_function" and lin.target in _LINEAR):
+        if not (isinstance(lin, fx.Node) and kind_of(lin.op, lin.target) is Kind.LINEAR):
             continue
         if not (isinstance(upd, fx.Node) and upd.op == "call_function" and upd.target in _MUL and len(upd.args) == 2):
             continue
@@ -88,8 +92,17 @@ def lower(gm: fx.GraphModule) -> tuple[int, int]:
     lowered = 0
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target in _OURS:
-            # ops.decompose is Listing 1 in plain ops; AOTAutograd traces through it
-            node.target = ops.decompose
+            # the op returns (y, s); y is Listing 1 in plain ops (ops.decompose), which
+            # AOTAutograd traces through; s only served the eager backward
+            with graph.inserting_before(node):
+                plain = graph.call_function(ops.decompose, node.args, node.kwargs)
+            plain.meta = dict(node.meta)
+            for user in list(node.users):
+                if user.op == "call_function" and user.target is operator.getitem and user.args[1] == 0:
+                    user.replace_all_uses_with(plain)
+                    graph.erase_node(user)
+            if not node.users:
+                graph.erase_node(node)
             lowered += 1
     if lowered:
         graph.lint()
@@ -109,33 +122,18 @@ def onelora_backend(
     Example:
         >>> compiled = torch.compile(ol.transform(model), backend="onelora", fullgraph=True)  # doctest: +SKIP
     """
-    from torch._dynamo.utils import counters
-    from torch._inductor import list_mode_options
-    from torch._inductor.compile_fx import compile_fx
-
     lowered, listing1 = lower(gm)
     counters["onelora"]["lowered"] += lowered
     counters["onelora"]["listing1"] += listing1
     counters["onelora"]["graphs"] += 1
-    patches = dict(list_mode_options(mode) if mode and mode != "default" else {})
-    patches.update(options or {})
-    return compile_fx(gm, list(example_inputs), config_patches=patches or None)
+    return compile_with_inductor(gm, example_inputs, mode, options)
 
 
 def _register() -> None:
-    """Register the name once. When the package is installed, torch finds the backend
-    through the ``torch_dynamo_backends`` entry point and registers it itself (twice
-    would be an error), so only register here for a source checkout."""
-    from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
-
-    if BACKEND_NAME in _COMPILER_FNS:
-        return
-    try:
-        if BACKEND_NAME in importlib.metadata.entry_points(group="torch_dynamo_backends").names:
-            return
-    except Exception:  # a broken metadata install must not break the import
-        pass
-    register_backend(onelora_backend, name=BACKEND_NAME)
+    """Name the backend once: when the package is installed torch already lists it
+    (through the entry point) and registers it itself on first use."""
+    if BACKEND_NAME not in torch.compiler.list_backends(exclude_tags=()):
+        torch._dynamo.register_backend(onelora_backend, name=BACKEND_NAME)
 
 
 _register()

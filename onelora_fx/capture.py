@@ -1,46 +1,51 @@
-"""nn.Module -> fx.GraphModule: ``torch.fx.symbolic_trace`` or ``torch.export``.
+"""nn.Module -> graph: ``torch.fx.symbolic_trace`` or ``torch.export`` (non-strict).
 
-The captured module is a plain ``torch.fx.GraphModule`` that
-
-* is called exactly like the model (same arguments, same output structure),
-* owns its module tree (fresh container objects) but shares every parameter with the
-  model: no weight is copied, so capturing a 7B model costs no weight memory;
-* owns copies of the model's buffers (batch-norm statistics change in training, and
-  training the capture must never change the model),
-* follows ``.train()`` / ``.eval()`` (see :mod:`onelora_fx.modes`), also when it came
-  from ``torch.export``, whose ``.module()`` refuses both.
+:func:`trace` captures one call of a model in training and in eval mode and keeps one
+graph that is right in both (see :mod:`onelora_fx.modes`). It does not own anything:
+:class:`onelora_fx.graph_module.CapturedModule` builds the adapted module around the
+graph. ``symbolic_trace`` needs no inputs and keeps the model's calling convention;
+``torch.export`` needs example inputs, bakes the call's structure in (see
+:mod:`onelora_fx.calls`), and is given every input dimension as ``Dim.AUTO`` so other
+batch sizes and sequence lengths work.
 """
 
 from __future__ import annotations
 
-import copy
 import enum
 import inspect
 import logging
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.export import Dim
 
 from . import modes
+from .compat import export_specs, pytree
 
-__all__ = ["Capture", "CaptureError", "Captured", "capture", "copy_graph_module", "own_module_tree", "own_buffers"]
+__all__ = ["Capture", "CaptureError", "Traced", "trace", "auto_dynamic_shapes", "first_line"]
 
 log = logging.getLogger(__name__)
 
 
 class Capture(str, enum.Enum):
-    """How a model was (or should be) captured."""
+    """How a model is (or was) captured."""
 
     AUTO = "auto"
     FX = "fx"
     EXPORT = "export"
-    #: no graph capture worked; layers were adapted in place of the modules (fallback)
+    #: no graph: the model's own class, its layers adapted (the module form)
     MODULE = "module"
+
+    @classmethod
+    def parse(cls, value: Any) -> "Capture":
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"capture={value!r} is not one of {', '.join(repr(c.value) for c in cls)}") from None
 
 
 class CaptureError(RuntimeError):
@@ -52,80 +57,47 @@ class CaptureError(RuntimeError):
 
 
 @dataclass
-class Captured:
-    gm: torch.fx.GraphModule
+class Traced:
+    """One captured call: the graph and the module its ``get_attr`` targets name."""
+
+    module: fx.GraphModule
     method: Capture
-    #: buffer name -> the model's tensor (the capture holds a copy)
-    buffers: dict[str, torch.Tensor]
+    #: the call as captured, canonical (export only; fx graphs take any call)
+    args: tuple = ()
+    kwargs: Optional[dict[str, Any]] = None
+    in_spec: Any = None
+    out_spec: Any = None
 
 
-def own_module_tree(root: nn.Module, _memo: Optional[dict[int, nn.Module]] = None) -> None:
-    """Replace every submodule of ``root`` by a shallow copy that shares its tensors.
-
-    After this, registering a parameter on a submodule of ``root`` (or swapping its
-    class, or switching its mode) cannot touch the module it was copied from, while the
-    parameter and buffer tensors stay the very same objects. A module reachable by two
-    paths stays one module.
-    """
-    memo = {} if _memo is None else _memo
-    for name, child in list(root._modules.items()):
-        if child is None:
-            continue
-        if id(child) not in memo:
-            twin = copy.copy(child)
-            twin._parameters = dict(child._parameters)
-            twin._buffers = dict(child._buffers)
-            twin._non_persistent_buffers_set = set(child._non_persistent_buffers_set)
-            twin._modules = dict(child._modules)
-            memo[id(child)] = twin
-            own_module_tree(twin, memo)
-        root._modules[name] = memo[id(child)]
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
-def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A second GraphModule over a copy of ``gm``'s graph and module tree, sharing every
-    tensor: what a pass that must not change its input works on."""
-    new = torch.fx.GraphModule.__new__(torch.fx.GraphModule)  # its own class: forward lives there
-    new.__dict__ = dict(gm.__dict__)
-    new._parameters = dict(gm._parameters)
-    new._buffers = dict(gm._buffers)
-    new._modules = dict(gm._modules)
-    new.meta = dict(gm.meta)
-    type(new).__name__ = type(gm).__name__
-    own_module_tree(new)
-    with warnings.catch_warnings():  # torch's own pytree spec copy warns about itself
-        warnings.simplefilter("ignore", FutureWarning)
-        graph = copy.deepcopy(gm.graph)
-    new.graph = graph  # sets owning_module and recompiles
-    return new
-
-
-def own_buffers(root: nn.Module) -> dict[str, torch.Tensor]:
-    """Give ``root`` copies of its buffers; returns ``{name: the original tensor}``."""
-    originals: dict[str, torch.Tensor] = {}
-    slots = []  # every (module, name) holding a buffer, a shared module listed once
-    for prefix, module in root.named_modules(remove_duplicate=False):
-        for name, buf in module._buffers.items():
-            if buf is not None:
-                originals[f"{prefix}.{name}" if prefix else name] = buf
-                slots.append((module, name, buf))
-    copies: dict[int, torch.Tensor] = {}
-    for module, name, buf in slots:
-        if id(buf) not in copies:
-            copies[id(buf)] = buf.clone()
-        module._buffers[name] = copies[id(buf)]
-    return originals
+def why_export_failed(e: BaseException) -> str:
+    """The cause of an export failure, said in the user's terms."""
+    text = str(e)
+    if "in output, which is not a known type" in text:
+        kind = text.split("Found ", 1)[-1].split(" in output", 1)[0].strip("<>").replace("class '", "").strip("'")
+        return (
+            f"the model returns a {kind}, which torch.export cannot return (a KV cache object is "
+            "no graph value); call it with use_cache=False for a graph"
+        )
+    if "data-dependent" in text.lower() or "GuardOnDataDependent" in type(e).__name__:
+        return (
+            "data-dependent Python control flow (an `if` on a tensor's value, a loop over data): "
+            f"{first_line(e)}"
+        )
+    return f"{type(e).__name__}: {first_line(e)}"
 
 
 def auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> Any:
     """Every dimension of every tensor input as ``Dim.AUTO``: torch.export keeps a dim
-    dynamic unless the model pins it (channels, hidden sizes), so batch and sequence
-    lengths other than the examples' work without the user naming them. Dimensions of
-    size 1 stay static (torch would specialize them): use examples of 2 or more."""
+    dynamic unless the model pins it (channels, hidden sizes). Dimensions of size 1
+    stay static (torch would specialize them anyway, with a warning per dim)."""
 
     def spec(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            # size-1 dims would be specialized anyway (with a warning per dim)
             return {d: Dim.AUTO for d in range(value.dim()) if value.shape[d] != 1} or None
         if isinstance(value, (list, tuple)):
             return type(value)(spec(v) for v in value)
@@ -139,30 +111,64 @@ def auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> Any:
         return None  # the example does not fit the signature: let export say so
     shapes = {}
     for name, value in bound.arguments.items():
-        param = bound.signature.parameters[name]
-        if param.kind is inspect.Parameter.VAR_POSITIONAL:
+        kind = bound.signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
             shapes[name] = tuple(spec(v) for v in value)
-        elif param.kind is inspect.Parameter.VAR_KEYWORD:
+        elif kind is inspect.Parameter.VAR_KEYWORD:
             shapes[name] = {k: spec(v) for k, v in value.items()}
         else:
             shapes[name] = spec(value)
     return shapes
 
 
-def _trace_fx(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> torch.fx.GraphModule:
-    return torch.fx.symbolic_trace(model)
+def fresh_examples(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Examples export can take as given: a view gets its own storage (export would
+    guard on its base's size), and a tensor passed for two inputs (``input_ids`` and
+    ``labels``) is given a copy for the second, so the graph keeps two inputs."""
+    seen: set[int] = set()
+
+    def fresh(t: torch.Tensor) -> torch.Tensor:
+        if id(t) in seen or t._base is not None:
+            t = t.clone()
+        seen.add(id(t))
+        return t
+
+    return pytree.tree_map_only(torch.Tensor, fresh, (tuple(args), dict(kwargs)))
 
 
-def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> torch.fx.GraphModule:
+class _Tracer(fx.Tracer):
+    """``symbolic_trace``'s tracer, except that it does not stop at a torch.nn module
+    that contains linear layers (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``):
+    their linears would be invisible inside a leaf. It traces into them instead (and
+    fails where their code cannot be traced, so ``capture='auto'`` takes export)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if not super().is_leaf_module(m, qualname):
+            return False
+        if isinstance(m, nn.Linear):
+            return True
+        return not any(isinstance(sub, nn.Linear) for sub in m.modules()) and not any(
+            p.dim() == 2 and name.endswith("proj_weight") for name, p in m.named_parameters()
+        )
+
+
+def _trace_fx(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> Traced:
+    tracer = _Tracer()
+    graph = tracer.trace(model)
+    name = model.__class__.__name__ if isinstance(model, nn.Module) else model.__name__
+    return Traced(fx.GraphModule(tracer.root, graph, name), Capture.FX)
+
+
+def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> Traced:
     shapes = auto_dynamic_shapes(model, args, kwargs) if dynamic else None
-    ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+    with warnings.catch_warnings():  # torch warns about every size-1 dim it specializes
+        warnings.filterwarnings("ignore", message=".*specialized.*")
+        ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
     exported = ep.module()
+    in_spec, out_spec = export_specs(exported.graph)
     # A plain GraphModule over the same graph: torch's .module() disables train/eval.
-    gm = torch.fx.GraphModule(exported, exported.graph, class_name=type(model).__name__)
-    for attr in ("_in_spec", "_out_spec"):
-        if hasattr(exported, attr):
-            setattr(gm, attr, getattr(exported, attr))
-    return gm
+    gm = fx.GraphModule(exported, exported.graph, class_name=type(model).__name__)
+    return Traced(gm, Capture.EXPORT, args, kwargs, in_spec, out_spec)
 
 
 @contextmanager
@@ -176,7 +182,7 @@ def _mode(model: nn.Module, training: bool) -> Iterator[None]:
             m.training = flag
 
 
-def _trace_both_modes(trace: Callable[..., torch.fx.GraphModule], model: nn.Module, *inputs: Any) -> torch.fx.GraphModule:
+def _both_modes(how: Callable[..., Traced], model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> Traced:
     """Trace in training and in eval mode, and keep one graph that is right in both.
 
     A trace bakes the mode in. When the two traces differ only in the arguments
@@ -187,56 +193,36 @@ def _trace_both_modes(trace: Callable[..., torch.fx.GraphModule], model: nn.Modu
     evaluation and deployment run, and say so.
     """
     with _mode(model, True):
-        train_gm = trace(model, *inputs)
+        train = how(model, args, kwargs, dynamic)
     with _mode(model, False):
-        eval_gm = trace(model, *inputs)
-    difference = modes.first_difference(train_gm.graph, eval_gm.graph)
+        evaluation = how(model, args, kwargs, dynamic)
+    difference = modes.first_difference(train.module.graph, evaluation.module.graph)
     if difference is None:
-        return train_gm
+        return train
     warnings.warn(
         f"{type(model).__name__} runs different ops in training than in eval mode "
         f"(Python code that branches on self.training; first difference: {difference}). "
         "The adapted graph is the eval-mode one: exact for evaluation, merge and export, "
         "but training runs without train-only ops (dropout, label or layer dropout).",
-        stacklevel=4,
+        stacklevel=5,
     )
-    return eval_gm
+    return evaluation
 
 
-def capture(
-    model: nn.Module,
-    example_inputs: Optional[Sequence[Any]] = None,
-    example_kwargs: Optional[dict[str, Any]] = None,
-    *,
-    method: Capture | str = Capture.AUTO,
-    dynamic: bool = True,
-) -> Captured:
-    """Capture ``model`` as a GraphModule that shares its parameters.
+def trace(model: nn.Module, args: tuple, kwargs: dict, method: Capture, dynamic: bool) -> Traced:
+    """Capture one call of ``model`` with ``method`` (``AUTO``: fx, else export).
 
-    ``method="auto"`` tries ``torch.fx.symbolic_trace`` first (no inputs needed), then
-    ``torch.export`` (needs ``example_inputs`` / ``example_kwargs``).
-
-    Example:
-        >>> cap = capture(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
-        >>> cap.method
-        <Capture.FX: 'fx'>
+    ``args`` / ``kwargs`` are the canonical example (see :class:`onelora_fx.calls.Signature`);
+    fx needs none.
 
     Raises:
-        ValueError: export is needed but no example inputs were given.
+        ValueError: export is needed but there is no example.
         CaptureError: no method could capture the model (``reasons`` has each error).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module to capture, got {type(model).__name__}")
-    method = Capture(method)
-    if method is Capture.MODULE:
-        raise ValueError("capture='module' is not a graph capture; use 'auto', 'fx' or 'export'")
     reasons: dict[str, BaseException] = {}
-    gm = None
-    used = method
     if method in (Capture.AUTO, Capture.FX):
         try:
-            gm = _trace_both_modes(_trace_fx, model, (), {}, dynamic)
-            used = Capture.FX
+            return _both_modes(_trace_fx, model, (), {}, dynamic)
         except Exception as e:  # fx raises many types (TraceError, ValueError, TypeError...)
             reasons["fx"] = e
             log.info("symbolic_trace failed for %s: %s", type(model).__name__, e)
@@ -246,58 +232,18 @@ def capture(
                     f"{type(e).__name__}: {e}\nUse capture='export' with example_inputs.",
                     reasons,
                 ) from e
-    if gm is None:
-        if example_inputs is None and example_kwargs is None:
-            why = f" (symbolic_trace failed: {type(reasons['fx']).__name__}: {_first_line(reasons['fx'])})" if reasons else ""
-            raise ValueError(
-                f"{type(model).__name__} needs torch.export to be captured{why}; pass "
-                "example_inputs=(...) and/or example_kwargs={...} as you would call the model"
-            )
-        # A view as example makes export guard on its base's size; give it fresh tensors.
-        args, kwargs = torch.utils._pytree.tree_map_only(
-            torch.Tensor,
-            lambda t: t.clone() if t._base is not None else t,
-            (tuple(example_inputs or ()), dict(example_kwargs or {})),
+    if not args and not kwargs:
+        why = f" (symbolic_trace failed: {type(reasons['fx']).__name__}: {first_line(reasons['fx'])})" if reasons else ""
+        raise ValueError(
+            f"{type(model).__name__} needs torch.export to be captured{why}; pass "
+            "example_inputs=(...) and/or example_kwargs={...} as you would call the model"
         )
-        try:
-            gm = _trace_both_modes(_trace_export, model, args, kwargs, dynamic)
-            used = Capture.EXPORT
-        except Exception as e:
-            reasons["export"] = e
-            detail = "\n".join(f"  {k}: {type(v).__name__}: {_first_line(v)}" for k, v in reasons.items())
-            raise CaptureError(
-                f"no graph capture works for {type(model).__name__}:\n{detail}\n"
-                "Data-dependent Python control flow (if on a tensor value, loops over "
-                "data) cannot be captured; capture='auto' falls back to adapting the "
-                "nn.Linear / Conv1D modules directly.",
-                reasons,
-            ) from e
-    own_module_tree(gm)
-    _keep_non_persistent(model, gm)
-    buffers = own_buffers(gm)
-    modes.follow_train_eval(gm)
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.recompile()
-    gm.train(model.training)
-    return Captured(gm, used, buffers)
-
-
-def _keep_non_persistent(model: nn.Module, gm: nn.Module) -> None:
-    """GraphModule re-registers every buffer as persistent; the model's non-persistent
-    ones (rotary tables, position ids) must stay out of the state dict."""
-    for path, module in model.named_modules():
-        for name in module._non_persistent_buffers_set:
-            fqn = f"{path}.{name}" if path else name
-            owner_path, _, leaf = fqn.rpartition(".")
-            try:
-                owner = gm.get_submodule(owner_path)
-            except AttributeError:
-                continue  # the graph does not use it
-            if leaf in owner._buffers:
-                owner._non_persistent_buffers_set.add(leaf)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    args, kwargs = fresh_examples(args, kwargs)
+    try:
+        return _both_modes(_trace_export, model, args, kwargs, dynamic)
+    except Exception as e:
+        reasons["export"] = e
+        causes = {"fx": f"{type(reasons['fx']).__name__}: {first_line(reasons['fx'])}"} if "fx" in reasons else {}
+        causes["export"] = why_export_failed(e)
+        detail = "\n".join(f"  {k}: {v}" for k, v in causes.items())
+        raise CaptureError(f"no graph capture works for {type(model).__name__}:\n{detail}", reasons) from e

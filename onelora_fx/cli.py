@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 import sys
 import warnings
@@ -55,6 +56,10 @@ def load_model(spec: str) -> tuple[nn.Module, tuple, dict]:
     if ":" not in spec:
         raise UsageError(f"MODEL must be one of {', '.join(zoo.ZOO)} or package.module:callable, got {spec!r}")
     module_name, _, attr = spec.partition(":")
+    # `python -m` puts the current directory on sys.path, the console script does not:
+    # a model file next to the user must load the same way from both
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
@@ -70,17 +75,21 @@ def load_model(spec: str) -> tuple[nn.Module, tuple, dict]:
     return made, tuple(example) if isinstance(example, (list, tuple)) else (example,), {}
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def _inspect(args: argparse.Namespace) -> int:
-    from .summary import site_table
-    from .transform import sites
     from .capture import CaptureError
     from .patterns import PatternError, describe
+    from .summary import site_table
+    from .transform import sites
 
     model, inputs, kwargs = load_model(args.model)
     pattern = parse_pattern(args.pattern)
     exclude = parse_pattern(args.exclude)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         try:
             found = sites(model, pattern, exclude=exclude, example_inputs=inputs or None, example_kwargs=kwargs or None)
         except PatternError as e:
@@ -88,15 +97,18 @@ def _inspect(args: argparse.Namespace) -> int:
             raise UsageError(f"{head}; run `onelora-fx inspect {args.model}` to list them") from None
         except (TypeError, ValueError, CaptureError) as e:
             raise UsageError(str(e).strip().splitlines()[0]) from None
+    for w in caught:  # what the Python API warns about, the command says too
+        if issubclass(w.category, UserWarning):
+            print(f"onelora-fx: warning: {w.message}", file=sys.stderr)
     print(site_table(found))
     chosen = [s for s in found if s.selected]
-    vectors = {s.adapter_name: s.out_features for s in chosen}
+    vectors = {s.adapter_name: s.out_features * (s.experts or 1) for s in chosen}
     total = sum(p.numel() for p in model.parameters())
     print()
-    print(f"{args.model}: {len(found)} linear sites, {len({s.weight_name for s in found})} weights")
+    print(f"{args.model}: {_plural(len(found), 'linear site')}, {_plural(len({s.weight_name for s in found}), 'weight')}")
     print(f"pattern {describe(pattern if pattern is not None else 'all-linear')!r}"
           + (f" minus {describe(exclude)!r}" if exclude is not None else "")
-          + f" selects {len(chosen)} sites: {sum(vectors.values()):,} trainable parameters "
+          + f" selects {_plural(len(chosen), 'site')}: {sum(vectors.values()):,} trainable parameters "
           f"({100 * sum(vectors.values()) / max(total, 1):.4f}% of {total:,})")
     return 0
 
@@ -125,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="pretrain, fine-tune with 1LoRA, merge, export and check, on handwritten digits",
         description="Pretrain a small ViT on handwritten digits, fine-tune it to a shifted domain with 1LoRA, "
-        "head-only and full fine-tuning, then merge, export to .pt2, reload and check. A few minutes on 2 CPU cores.",
+        "head-only and full fine-tuning, then merge, export to .pt2, reload and check.",
     )
     d.add_argument("--quick", action="store_true", help="a shortened run (for tests)")
     d.add_argument("--out", default="onelora_demo", help="folder for the exported program and adapter (default: %(default)s)")

@@ -130,7 +130,7 @@ def _llama_7b_adapter_values() -> int:
     """How many values a LLaMA-2-7B all-linear adapter holds, from a meta-device model."""
     import transformers
 
-    from .fallback import module_sites
+    from .forms.module import module_sites
 
     cfg = transformers.LlamaConfig(
         num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,

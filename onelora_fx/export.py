@@ -10,11 +10,11 @@ import os
 from typing import Any, Optional, Sequence
 
 import torch
-from torch import fx, nn
+from torch import nn
 
-from .capture import auto_dynamic_shapes
+from .capture import auto_dynamic_shapes, why_export_failed
 from .merge import merge
-from .transform import is_adapted
+from .query import is_adapted
 
 __all__ = ["export", "ExportError"]
 
@@ -49,12 +49,14 @@ def export(
     args = tuple(example_inputs or ())
     kwargs = dict(example_kwargs or {})
     shapes = auto_dynamic_shapes(deployed, args, kwargs) if dynamic else None
+    # torch.export runs a GraphModule's graph directly; a captured module's calls must
+    # go through its own call handling, which its plain view keeps
+    plain = getattr(deployed, "as_plain_module", None)
     try:
-        ep = torch.export.export(deployed, args, kwargs, dynamic_shapes=shapes, strict=False)
+        ep = torch.export.export(plain() if plain else deployed, args, kwargs, dynamic_shapes=shapes, strict=False)
     except Exception as e:
-        kind = "graph" if isinstance(deployed, fx.GraphModule) else "module (adapted by the module-level fallback)"
         raise ExportError(
-            f"torch.export failed on the merged {kind}: {type(e).__name__}: {str(e).strip().splitlines()[0]}"
+            f"torch.export failed on the merged {type(deployed).__name__}: {why_export_failed(e)}"
         ) from e
     finally:
         deployed.train(was_training)

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .linear_ops import argument
+
 __all__ = ["follow_train_eval", "first_difference", "MODE_MODULE"]
 
 MODE_MODULE = "_onelora_mode"
@@ -59,9 +61,7 @@ class _TrainingFlag(nn.Module):
 
 
 def _get(node: fx.Node, pos: int, kw: str, default=None):
-    if kw in node.kwargs:
-        return node.kwargs[kw]
-    return node.args[pos] if len(node.args) > pos else default
+    return argument(node.args, node.kwargs, pos, kw, default=default)
 
 
 def _set(node: fx.Node, pos: int, kw: str, value) -> None:
@@ -71,16 +71,16 @@ def _set(node: fx.Node, pos: int, kw: str, value) -> None:
         node.update_arg(pos, value)
 
 
-def follow_train_eval(gm: fx.GraphModule) -> int:
-    """Route every training-only constant of ``gm``'s graph through one mode node.
+def follow_train_eval(root: nn.Module, graph: fx.Graph) -> int:
+    """Route every training-only constant of ``graph`` through one mode node that reads
+    ``root``'s ``_onelora_mode`` submodule (added when missing).
 
     Returns how many arguments now follow the mode. Idempotent.
 
     Example:
-        >>> gm = torch.fx.symbolic_trace(Model())  # doctest: +SKIP
-        >>> follow_train_eval(gm); gm.eval()       # doctest: +SKIP
+        >>> gm = torch.fx.symbolic_trace(Model())          # doctest: +SKIP
+        >>> follow_train_eval(gm, gm.graph); gm.recompile(); gm.eval()   # doctest: +SKIP
     """
-    graph = gm.graph
     targets = []
     for node in graph.nodes:
         if node.op != "call_function":
@@ -97,12 +97,12 @@ def follow_train_eval(gm: fx.GraphModule) -> int:
             p = _get(node, pos, kw, 0.0)
             if isinstance(p, float) and p > 0.0:
                 targets.append((node, pos, kw, p))
-        elif node.target is aten.add_.Tensor and _counts_batches(gm, node):
+        elif node.target is aten.add_.Tensor and _counts_batches(node):
             targets.append((node, 1, "other", None))
     if not targets:
         return 0
-    if not hasattr(gm, MODE_MODULE):
-        gm.add_submodule(MODE_MODULE, _TrainingFlag())
+    if not hasattr(root, MODE_MODULE):
+        root.add_submodule(MODE_MODULE, _TrainingFlag())
     flag = next((n for n in graph.nodes if n.op == "call_module" and n.target == MODE_MODULE), None)
     if flag is None:
         last_input = [n for n in graph.nodes if n.op == "placeholder"]
@@ -117,11 +117,10 @@ def follow_train_eval(gm: fx.GraphModule) -> int:
                 p_node = graph.call_function(operator.mul, (flag, prob))
             _set(node, pos, kw, p_node)
     graph.lint()
-    gm.recompile()
     return len(targets)
 
 
-def _counts_batches(gm: Optional[fx.GraphModule], node: fx.Node) -> bool:
+def _counts_batches(node: fx.Node) -> bool:
     """``num_batches_tracked += 1``: batch norm counts batches only in training."""
     buf = node.args[0] if node.args else None
     return (
@@ -148,7 +147,7 @@ def _fingerprint(graph: fx.Graph) -> list[tuple[fx.Node, Any]]:
     index: dict[fx.Node, int] = {}
     out = []
     for node in graph.nodes:
-        if node.op == "call_function" and node.target is aten.add_.Tensor and _counts_batches(None, node):
+        if node.op == "call_function" and node.target is aten.add_.Tensor and _counts_batches(node):
             continue  # only the training trace counts batches: the mode node handles it
         if node.op == "call_function" and node.target in _NO_OPS and isinstance(node.args[0], fx.Node):
             # export records .contiguous() only when the strides need it, and dropout

@@ -15,11 +15,20 @@ three lowerings:
 
 Why an autograd.Function in eager and not the custom op everywhere: a custom op call
 costs ~120 µs of Python dispatch on CPU against ~30 µs for the Function; over the 56
-calls of a 4-layer LLaMA step that is 1-2 % of the step, the whole budget.
+calls of a 4-layer LLaMA step that is 1-2 % of the step, the whole budget. Both share
+what is saved (:func:`_save`) and how backward runs (:func:`_backward`).
+
+Under ``torch.autocast`` the op computes what ``F.linear`` computes there: ``x``, the
+weight, the bias and ``b`` are cast to the autocast dtype (float64 tensors are left
+alone, as autocast does), the result is in that dtype, and ``b``'s gradient flows back
+through the cast into ``b``'s own dtype.
 
 ``transposed`` says how ``weight`` is laid out: ``False`` is ``nn.Linear``'s
 ``[out, in]`` (``y = x Wᵀ``), ``True`` is ``[in, out]`` (``y = x W``, GPT-2's
 ``Conv1D``). The 1LoRA term is the same in both layouts.
+
+Expert weights (``[E, out, in]``, used by a grouped matmul over rows sorted by expert)
+get :func:`expert_term`: ``y + b[e] * x.sum(-1)`` with ``e`` each row's expert.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["linear", "decompose"]
+__all__ = ["linear", "decompose", "expert_term", "expert_of_rows"]
 
 
 def _as_in_out(weight: Tensor, transposed: bool) -> Tensor:
@@ -59,73 +68,90 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], b: Tensor, trans
     return y, s
 
 
-def _backward(
-    g: Tensor,
-    x: Optional[Tensor],
-    s: Tensor,
-    weight: Tensor,
-    b: Tensor,
-    transposed: bool,
-    needs: tuple[bool, ...],
-) -> tuple[Optional[Tensor], ...]:
-    """Gradients for ``(x, weight, bias, b)``; ``x`` is only kept when weight needs one."""
+def _save(ctx, x: Tensor, s: Tensor, weight: Tensor, b: Tensor, transposed: bool) -> None:
+    """What backward keeps: ``s``, the weight and ``b``; ``x`` only when the weight itself
+    needs a gradient (never in 1LoRA training, where the weight is frozen)."""
+    ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, s, weight, b)
+    ctx.transposed = transposed
+
+
+def _backward(ctx, g: Tensor, grad_s: Optional[Tensor] = None) -> tuple[Optional[Tensor], ...]:
+    """Gradients for ``(x, weight, bias, b, transposed)`` (``grad_s``: of the custom
+    op's second output ``s = x.sum(-1)``, when something used it)."""
+    x, s, weight, b = ctx.saved_tensors
+    needs = ctx.needs_input_grad
     g2 = g.reshape(-1, g.shape[-1])
-    w = _as_in_out(weight, transposed)
+    w = _as_in_out(weight, ctx.transposed)
     grad_x = grad_w = grad_bias = grad_b = None
     if needs[0]:
         # dx = g Wᵀ + (g b) 1ᵀ: the rank-1 part is the GEMM's accumulator again.
         gb = torch.mv(g2, b.to(g.dtype))
         acc = gb.unsqueeze(1).expand(g2.shape[0], w.shape[0])
         grad_x = torch.addmm(acc, g2, w.t()).view(*g.shape[:-1], w.shape[0])
+        if grad_s is not None:
+            grad_x = grad_x + grad_s.unsqueeze(-1).to(grad_x.dtype)
     if needs[1]:
         x2 = x.reshape(-1, x.shape[-1])
-        grad_w = x2.t().mm(g2) if transposed else g2.t().mm(x2)
+        grad_w = x2.t().mm(g2) if ctx.transposed else g2.t().mm(x2)
     if needs[2]:
         grad_bias = g2.sum(0)
     if needs[3]:
         grad_b = torch.mv(g2.t(), s.reshape(-1).to(g.dtype)).to(b.dtype)
-    return grad_x, grad_w, grad_bias, grad_b
+    return grad_x, grad_w, grad_bias, grad_b, None
 
 
 class _OneLoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, b, transposed):  # type: ignore[override]
         y, s = _forward(x, weight, bias, b, transposed)
-        keep_x = x if ctx.needs_input_grad[1] else None
-        ctx.save_for_backward(keep_x, s, weight, b)
-        ctx.transposed = transposed
+        _save(ctx, x, s, weight, b, transposed)
         return y
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        x, s, weight, b = ctx.saved_tensors
-        grads = _backward(g, x, s, weight, b, ctx.transposed, ctx.needs_input_grad[:4])
-        return (*grads, None)
+        return _backward(ctx, g)
 
 
 @torch.library.custom_op("onelora::linear", mutates_args=())
-def _linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], b: Tensor, transposed: bool) -> Tensor:
-    return _forward(x, weight, bias, b, transposed)[0]
+def _linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], b: Tensor, transposed: bool) -> tuple[Tensor, Tensor]:
+    y, s = _forward(x, weight, bias, b, transposed)
+    return y, s
 
 
 @_linear_op.register_fake
 def _(x, weight, bias, b, transposed):
     out = weight.shape[1] if transposed else weight.shape[0]
-    return x.new_empty((*x.shape[:-1], out))
+    return x.new_empty((*x.shape[:-1], out)), x.new_empty(x.shape[:-1])
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, b, transposed = inputs
-    ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, x.sum(-1), weight, b)
-    ctx.transposed = transposed
+    _save(ctx, x, output[1], weight, b, transposed)  # s is the op's second output
 
 
-def _op_backward(ctx, g):
-    x, s, weight, b = ctx.saved_tensors
-    return (*_backward(g, x, s, weight, b, ctx.transposed, ctx.needs_input_grad[:4]), None)
+def _op_backward(ctx, g, grad_s):
+    return _backward(ctx, g, grad_s)
 
 
 _linear_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    # autocast's rule: floating tensors other than float64 take the autocast dtype
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
+def _run(x: Tensor, weight: Tensor, bias: Optional[Tensor], b: Tensor, transposed: bool) -> Tensor:
+    if torch.compiler.is_compiling():
+        return torch.ops.onelora.linear(x, weight, bias, b, transposed)[0]
+    return _OneLoRALinearFunction.apply(x, weight, bias, b, transposed)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], b: Tensor, transposed: bool = False) -> Tensor:
@@ -144,11 +170,38 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], b: Tensor, transpo
     if isinstance(x, torch.fx.Proxy):
         # symbolic_trace (also when a pickled GraphModule is re-traced): one leaf node
         return x.tracer.create_proxy("call_function", linear, (x, weight, bias, b), {"transposed": transposed} if transposed else {})
-    if torch.compiler.is_compiling():
-        return torch.ops.onelora.linear(x, weight, bias, b, transposed)
-    return _OneLoRALinearFunction.apply(x, weight, bias, b, transposed)
+    dtype = _autocast_dtype(x)
+    if dtype is None:
+        return _run(x, weight, bias, b, transposed)
+    with torch.autocast(x.device.type, enabled=False):
+        return _run(_cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype), _cast(b, dtype), transposed)
 
 
 def decompose(x: Tensor, weight: Tensor, bias: Optional[Tensor], b: Tensor, transposed: bool = False) -> Tensor:
     """The paper's Listing 1 in plain ops: what Inductor fuses and ``merge`` folds."""
     return F.linear(x, _as_in_out(weight, transposed).t(), bias) + b * x.sum(-1, keepdim=True)
+
+
+def expert_of_rows(offsets: Tensor, rows: int) -> Tensor:
+    """The expert of each row of a grouped matmul's input: rows ``[offs[e-1], offs[e])``
+    belong to expert ``e``; rows at or past ``offs[-1]`` to none (index ``E``)."""
+    index = torch.arange(rows, device=offsets.device, dtype=offsets.dtype)
+    return torch.searchsorted(offsets, index, right=True)
+
+
+def expert_term(y: Tensor, x: Tensor, offsets: Tensor, b: Tensor) -> Tensor:
+    """``y`` plus each row's 1LoRA term for its expert: ``y[r] + b[e(r)] * x[r].sum()``.
+
+    ``y`` is a grouped matmul of ``x`` (rows sorted by expert, ``offsets`` the running
+    row counts) with expert weights ``[E, ...]``; ``b`` is ``[E, out]``.
+
+    Example:
+        >>> x, b = torch.ones(3, 2), torch.tensor([[1.0], [10.0]])
+        >>> expert_term(torch.zeros(3, 1), x, torch.tensor([1, 3]), b).flatten().tolist()
+        [2.0, 20.0, 20.0]
+    """
+    experts = b.shape[0]
+    e = expert_of_rows(offsets, x.shape[0])
+    routed = (e < experts).unsqueeze(-1)
+    rows = b.index_select(0, e.clamp(max=experts - 1)).to(y.dtype)
+    return y + torch.where(routed, rows * x.sum(-1, keepdim=True).to(y.dtype), 0.0)

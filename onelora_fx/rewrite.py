@@ -1,25 +1,30 @@
-"""The 1LoRA graph pass: give each selected weight a ``b`` and route its calls through
-:func:`onelora_fx.ops.linear`.
+"""The 1LoRA graph pass: route each selected call through :func:`onelora_fx.ops.linear`.
 
 Each selected call ``linear(x, W, bias)`` (in whichever form :mod:`sites` found it)
 becomes one node ``ops.linear(x, W, bias, b, transposed=...)`` that reuses the call's
 own argument nodes. The replaced call is remembered in the new node's
 ``meta["onelora_original"]`` as a template over those arguments, so
-:func:`onelora_fx.merge` can put back the base graph op for op.
+:func:`onelora_fx.merge` can put back the base graph op for op. An expert site keeps
+its grouped matmul and gains one node after it, ``ops.expert_term(y, x, offsets, b)``;
+merge removes that node again.
+
+The pass only reads ``b`` from the root module (``get_attr``); :func:`new_vectors`
+creates them. A graph captured later from the same model (another call signature, a
+move to another dtype) is adapted by the same pass with the vectors that exist.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import fx, nn
 
 from . import ops
-from .sites import LinearSite, group_by_weight
+from .sites import LinearSite, find_sites, group_by_weight, resolve_attr
 
-__all__ = ["Original", "adapt_graph", "AlreadyAdaptedError"]
+__all__ = ["Original", "rewrite", "new_vectors", "adapt_like", "AlreadyAdaptedError"]
 
 
 class AlreadyAdaptedError(ValueError):
@@ -73,44 +78,50 @@ class Original:
         return graph.create_node(self.op, self.target, resolve(self.args), resolve(self.kwargs))
 
 
-def adapt_graph(gm: fx.GraphModule, sites: Sequence[LinearSite]) -> dict[str, nn.Parameter]:
-    """Insert 1LoRA at every ``selected`` site of ``gm``; returns the new ``b`` vectors.
+def new_vectors(root: nn.Module, sites: Sequence[LinearSite]) -> dict[str, nn.Parameter]:
+    """Register a zero ``b`` for every weight the ``selected`` sites use.
 
-    Checks everything first: on any error ``gm`` is unchanged.
-
-    Example:
-        >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 8)))
-        >>> chosen = [replace(s, selected=True) for s in find_sites(gm)]   # doctest: +SKIP
-        >>> list(adapt_graph(gm, chosen))                                   # doctest: +SKIP
-        ['0.onelora_b']
+    Checks first (nothing is registered if any name is taken).
     """
-    selected = [s for s in sites if s.selected]
-    groups = group_by_weight(selected)
-    # requires
-    for s in selected:
-        if s.adapted:
-            raise AlreadyAdaptedError(f"{s.name} already carries 1LoRA ({s.adapter_name}); transform the base model instead")
-        if s.node is None or s.node.graph is not gm.graph:
-            raise ValueError(f"site {s.name} does not belong to this graph; find sites on the module you adapt")
-    for name in groups:
-        owner_path, _, leaf = name.rpartition(".")
-        owner = gm.get_submodule(owner_path)
-        if hasattr(owner, leaf):
+    groups = group_by_weight(s for s in sites if s.selected)
+    for name, group in groups.items():
+        if group[0].adapted or resolve_attr(root, name) is not None:
             raise AlreadyAdaptedError(f"{name} already exists; transform the base model instead")
-
-    # call
     vectors = {}
     for name, group in groups.items():
-        first = group[0]
-        owner_path, _, leaf = name.rpartition(".")
-        b = nn.Parameter(torch.zeros(first.out_features, dtype=first.dtype, device=first.device))
-        gm.get_submodule(owner_path).register_parameter(leaf, b)
+        s = group[0]
+        shape = (s.experts, s.out_features) if s.experts else (s.out_features,)
+        b = nn.Parameter(torch.zeros(shape, dtype=s.dtype, device=s.device))
+        owner, _, leaf = name.rpartition(".")
+        (root.get_submodule(owner) if owner else root).register_parameter(leaf, b)
         vectors[name] = b
-    graph = gm.graph
+    return vectors
+
+
+def rewrite(root: nn.Module, graph: fx.Graph, sites: Sequence[LinearSite]) -> int:
+    """Route every ``selected`` site of ``graph`` through its ``b`` (already registered
+    in ``root``); returns how many calls were rewritten. On an error nothing changes."""
+    selected = [s for s in sites if s.selected]
+    for s in selected:  # requires
+        if s.adapted:
+            raise AlreadyAdaptedError(f"{s.name} already carries 1LoRA ({s.adapter_name}); transform the base model instead")
+        if s.node is None or s.node.graph is not graph:
+            raise ValueError(f"site {s.name} does not belong to this graph; find sites on the graph you adapt")
+        if not isinstance(resolve_attr(root, s.adapter_name), nn.Parameter):
+            raise ValueError(f"{s.adapter_name} is not registered; create the vectors first (new_vectors)")
     replaced: dict[fx.Node, fx.Node] = {}  # a site's input may be an earlier site's output
     for s in selected:
         node = s.node
         x = replaced.get(s.input, s.input)
+        if s.experts:
+            with graph.inserting_after(node):
+                b_node = graph.get_attr(s.adapter_name)
+            with graph.inserting_after(b_node):
+                new = graph.call_function(ops.expert_term, (node, x, s.offsets_arg, b_node))
+            node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+            new.meta = dict(node.meta)
+            new.meta["onelora_kind"] = s.kind
+            continue
         with graph.inserting_before(node):
             b_node = graph.get_attr(s.adapter_name)
             if s.kind == "nn.Linear":  # call_module: the weights become graph values
@@ -119,17 +130,20 @@ def adapt_graph(gm: fx.GraphModule, sites: Sequence[LinearSite]) -> dict[str, nn
             else:
                 weight, bias = s.weight_arg, s.bias_arg
             args = (x, weight, bias, b_node)
-            kwargs = {"transposed": True} if s.arg_transposed else {}
-            new = graph.call_function(ops.linear, args, kwargs)
+            new = graph.call_function(ops.linear, args, {"transposed": True} if s.arg_transposed else {})
         new.meta = dict(node.meta)
         new.meta["onelora_kind"] = s.kind
         new.meta["onelora_original"] = Original.of(node, args)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         replaced[node] = new
-
-    # ensures
-    graph.eliminate_dead_code()
+    graph.eliminate_dead_code()  # ensures
     graph.lint()
-    gm.recompile()
-    return vectors
+    return len(selected)
+
+
+def adapt_like(root: nn.Module, graph: fx.Graph) -> int:
+    """Adapt a newly captured ``graph`` of ``root`` as ``root`` is adapted: every call of
+    a weight that has a vector in ``root`` goes through it."""
+    sites = [replace(s, selected=isinstance(resolve_attr(root, s.adapter_name), nn.Parameter)) for s in find_sites(root, graph)]
+    return rewrite(root, graph, sites) if any(s.selected for s in sites) else 0

@@ -1,42 +1,38 @@
 """LinearSite: every way a linear layer appears in a graph, found once.
 
-A linear site is a call ``y = x Wᵀ + bias`` (or ``y = x W + bias``) whose weight ``W`` is a
-2-D parameter of the module. In a graph it can be
+A linear site is a call ``y = x Wᵀ + bias`` (or ``y = x W + bias``) whose weight ``W``
+is a parameter of the module: 2-D for a layer, 3-D ``[E, out, in]`` / ``[E, in, out]``
+for the experts of a mixture-of-experts layer applied by a grouped matmul (one site,
+``experts=E``). The ops that can make such a call, and where their operands are, are
+the table in :mod:`onelora_fx.linear_ops`; ``call_module`` on ``nn.Linear`` (what
+``symbolic_trace`` leaves) is the one more form. The weight argument may be the
+parameter itself or its transpose, which decides the layout.
 
-=================================  ======================================================
-form                               where it comes from
-=================================  ======================================================
-``call_module`` on ``nn.Linear``   ``torch.fx.symbolic_trace``
-``F.linear`` / ``_C._nn.linear``   functional code, raw parameters (MoE routers)
-``aten.linear``                    ``torch.export`` of ``nn.Linear`` / ``F.linear``
-``addmm(bias, x, W)``              GPT-2's ``Conv1D`` (``W`` is ``[in, out]``)
-``mm`` / ``matmul`` / ``x @ W``    hand-written projections, either layout
-=================================  ======================================================
-
-and the weight argument may be the parameter itself or its transpose (``t``,
-``transpose(0, 1)``, ``permute([1, 0])``, ``.T``), which decides the layout. Everything
-else in onelora_fx (patterns, rewrite, merge, summary, adapters) works from the
-:class:`LinearSite` objects this module returns; nothing else inspects graph nodes to
-find linears.
+:func:`find_sites` reads a graph once; patterns, the rewrite, merge, summaries and
+adapter files all work from the :class:`LinearSite` objects it returns.
 """
 
 from __future__ import annotations
 
 import enum
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from . import ops
+from .compat import module_stack
+from .heads import HeadRule
+from .linear_ops import read_call, unwrap_transpose
+from .norms import norm_feeding
 
-__all__ = ["Layout", "LinearSite", "find_sites", "adapter_name_for", "group_by_weight", "resolve_attr", "ADAPTER_SUFFIX"]
+__all__ = [
+    "Layout", "LinearSite", "find_sites", "adapter_name_for", "group_by_weight", "resolve_attr",
+    "join", "ADAPTER_SUFFIX",
+]
 
 ADAPTER_SUFFIX = "onelora_b"
-aten = torch.ops.aten
 
 
 class Layout(str, enum.Enum):
@@ -59,17 +55,25 @@ class LinearSite:
         owner, attr: ``weight_name`` split at its last dot.
         adapter_name: where this weight's ``b`` lives (``<owner>.onelora_b``, or
             ``<owner>.<attr>_onelora_b``); one per weight, shared by all its calls.
-        in_features, out_features: the linear's sizes.
+        in_features, out_features: the linear's sizes (per expert for expert weights).
         layout: how the weight is stored (see :class:`Layout`).
         has_bias: the call adds a bias.
-        kind: how the call appears (``nn.Linear``, ``F.linear``, ``aten.linear``,
-            ``addmm``, ``mm``, ``matmul``, ``module`` for a module-level fallback).
-        is_head: the call is the model's output head (see :func:`find_sites`).
+        kind: how the call appears (``nn.Linear``, ``linear``, ``addmm``, ``mm``,
+            ``matmul``, ``grouped_mm``, ``module`` for a layer of the module form).
+        is_head: the call is the model's output head (see :mod:`onelora_fx.heads`).
         call_index, calls: this is call ``call_index`` of ``calls`` calls of the weight
             (a layer called twice, or a weight tied to another linear).
         adapted: the call already carries a 1LoRA vector.
         selected: chosen by the pattern in effect (``transform``'s, or ``sites``').
         dtype, device: the weight's.
+        experts: ``E`` for an expert weight ``[E, ...]`` (``b`` is then ``[E, out]``),
+            else None.
+        caller: the module path whose forward makes the call (where the module form
+            intercepts it).
+        norm: the LayerNorm whose output this call reads directly (through shape ops
+            and dropout only), as that norm's module path, or None.
+        norm_scale_cv: how far that LayerNorm's scale is from uniform (coefficient of
+            variation of ``γ``; None when unknown, e.g. on the meta device).
     """
 
     name: str
@@ -89,20 +93,40 @@ class LinearSite:
     selected: bool = False
     dtype: torch.dtype = torch.float32
     device: torch.device = torch.device("cpu")
+    experts: Optional[int] = None
+    caller: str = ""
+    norm: Optional[str] = None
+    norm_scale_cv: Optional[float] = None
     # The graph handles; everything that touches the graph goes through these.
     node: Optional[fx.Node] = field(default=None, compare=False, repr=False)
     input: Optional[fx.Node] = field(default=None, compare=False, repr=False)
     weight_arg: Optional[fx.Node] = field(default=None, compare=False, repr=False)
     bias_arg: Optional[fx.Node] = field(default=None, compare=False, repr=False)
+    offsets_arg: Optional[fx.Node] = field(default=None, compare=False, repr=False)
     #: the weight argument is ``[in, out]`` as the call sees it (``ops.linear``'s flag)
     arg_transposed: bool = field(default=False, compare=False, repr=False)
     weight: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
 
 
+def join(prefix: str, name: str) -> str:
+    """``join("encoder.q", "weight") == "encoder.q.weight"``; an empty prefix adds nothing."""
+    return f"{prefix}.{name}" if prefix else name
+
+
 def adapter_name_for(owner: str, attr: str) -> str:
     """``encoder.q.weight`` -> ``encoder.q.onelora_b``; ``experts.w1`` -> ``experts.w1_onelora_b``."""
-    leaf = ADAPTER_SUFFIX if attr == "weight" else f"{attr}_{ADAPTER_SUFFIX}"
-    return f"{owner}.{leaf}" if owner else leaf
+    return join(owner, ADAPTER_SUFFIX if attr == "weight" else f"{attr}_{ADAPTER_SUFFIX}")
+
+
+def resolve_attr(root: nn.Module, target: str) -> Any:
+    """The object at a dotted attribute path (``get_attr`` target), or None."""
+    obj: Any = root
+    for part in str(target).split("."):
+        if part:
+            obj = getattr(obj, part, None)
+            if obj is None:
+                return None
+    return obj
 
 
 # ---------------------------------------------------------------------------------
@@ -110,312 +134,167 @@ def adapter_name_for(owner: str, attr: str) -> str:
 
 
 @dataclass
-class _Call:
+class _Found:
+    node: fx.Node
     kind: str
     x: fx.Node
     weight_arg: Optional[fx.Node]
     bias_arg: Any
-    arg_transposed: bool  # the weight argument is [in, out]
-    owner_hint: Optional[str] = None  # call_module target
-    b_arg: Optional[fx.Node] = None  # adapted calls
+    offsets: Optional[fx.Node]
+    arg_transposed: bool
+    target: str  # the weight's get_attr target (or module path + ".weight")
+    weight: torch.Tensor
+    flipped: bool
+    b_arg: Optional[fx.Node] = None
 
 
-_LINEAR_FNS = {F.linear: "F.linear", torch._C._nn.linear: "F.linear", aten.linear.default: "aten.linear"}
-_ADDMM_FNS = {torch.addmm: "addmm", aten.addmm.default: "addmm"}
-_MM_FNS = {
-    torch.mm: "mm",
-    aten.mm.default: "mm",
-    torch.matmul: "matmul",
-    operator.matmul: "matmul",
-    aten.matmul.default: "matmul",
-}
-_MM_METHODS = {"mm": "mm", "matmul": "matmul", "__matmul__": "matmul"}
-
-
-def _arg(node: fx.Node, pos: int, kw: str, default: Any = None) -> Any:
-    if kw in node.kwargs:
-        return node.kwargs[kw]
-    return node.args[pos] if len(node.args) > pos else default
-
-
-def _match_call(gm: fx.GraphModule, node: fx.Node) -> Optional[_Call]:
-    """The linear call ``node`` makes, if any (not yet checked for a parameter weight)."""
-    if node.op == "call_module":
-        mod = resolve_attr(gm, node.target)
-        if isinstance(mod, nn.Linear) and node.args:
-            return _Call("nn.Linear", node.args[0], None, None, False, owner_hint=node.target)
-        return None
-    if node.op == "call_function":
-        t = node.target
-        if t is ops.linear:
-            return _Call(
-                "onelora",
-                node.args[0],
-                node.args[1],
-                node.args[2],
-                bool(_arg(node, 4, "transposed", False)),
-                b_arg=node.args[3],
-            )
-        if t in _LINEAR_FNS:
-            return _Call(_LINEAR_FNS[t], _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias"), False)
-        if t in _ADDMM_FNS:
-            if _arg(node, 3, "beta", 1) != 1 or _arg(node, 4, "alpha", 1) != 1:
-                return None
-            return _Call("addmm", _arg(node, 1, "mat1"), _arg(node, 2, "mat2"), _arg(node, 0, "input"), True)
-        if t in _MM_FNS:
-            return _Call(_MM_FNS[t], _arg(node, 0, "input"), _arg(node, 1, "other" if "matmul" in _MM_FNS[t] else "mat2"), None, True)
-        return None
-    if node.op == "call_method":
-        if node.target in _MM_METHODS and len(node.args) == 2:
-            return _Call(_MM_METHODS[node.target], node.args[0], node.args[1], None, True)
-        if node.target == "addmm" and len(node.args) == 3 and not node.kwargs:
-            return _Call("addmm", node.args[1], node.args[2], node.args[0], True)
-    return None
-
-
-_TRANSPOSES_FN = {aten.t.default, torch.t}
-_TRANSPOSE_FN = {aten.transpose.int, torch.transpose}
-_PERMUTE_FN = {aten.permute.default, torch.permute}
-
-
-def _is_swap(dims: Any) -> bool:
-    return isinstance(dims, (list, tuple)) and len(dims) == 2 and sorted(d % 2 for d in dims) == [0, 1]
-
-
-def _unwrap_transpose(node: fx.Node) -> Optional[fx.Node]:
-    """``t(W)`` / ``W.transpose(0, 1)`` / ``W.permute(1, 0)`` / ``W.T`` -> ``W``."""
-    if node.op == "call_function":
-        t = node.target
-        if t in _TRANSPOSES_FN and len(node.args) == 1:
-            return node.args[0]
-        if t in _TRANSPOSE_FN and len(node.args) == 3 and _is_swap(node.args[1:]):
-            return node.args[0]
-        if t in _PERMUTE_FN and len(node.args) == 2 and _is_swap(node.args[1]):
-            return node.args[0]
-        if t is getattr and len(node.args) == 2 and node.args[1] in ("T", "mT"):
-            return node.args[0]
-    if node.op == "call_method":
-        if node.target == "t" and len(node.args) == 1:
-            return node.args[0]
-        if node.target == "transpose" and len(node.args) == 3 and _is_swap(node.args[1:]):
-            return node.args[0]
-        if node.target == "permute" and len(node.args) in (2, 3):
-            dims = node.args[1] if len(node.args) == 2 else node.args[1:]
-            if _is_swap(dims):
-                return node.args[0]
-    return None
-
-
-def resolve_attr(root: nn.Module, target: str) -> Any:
-    """The object at a dotted attribute path (``get_attr`` target), or None."""
-    obj: Any = root
-    for part in str(target).split("."):
-        if not part:
-            continue
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
-def _param_of(gm: fx.GraphModule, arg: Any) -> Optional[tuple[str, torch.Tensor, bool]]:
+def _param_of(root: nn.Module, arg: Any, ndim: int) -> Optional[tuple[str, torch.Tensor, bool]]:
     """``(target, parameter, flipped)`` behind a weight argument, or None."""
     if not isinstance(arg, fx.Node):
         return None
     flipped = False
-    inner = _unwrap_transpose(arg)
-    if inner is not None and isinstance(inner, fx.Node):
+    inner = unwrap_transpose(arg.op, arg.target, arg.args, ndim)
+    if isinstance(inner, fx.Node):
         arg, flipped = inner, True
     if arg.op != "get_attr":
         return None
-    value = resolve_attr(gm, arg.target)
-    if isinstance(value, nn.Parameter) and value.dim() == 2:
+    value = resolve_attr(root, arg.target)
+    if isinstance(value, nn.Parameter) and value.dim() == ndim:
         return str(arg.target), value, flipped
     return None
 
 
-def _owner_of(gm: fx.GraphModule, node: fx.Node, target: str, tensor: torch.Tensor) -> tuple[str, str]:
-    """Module path and attribute of a weight, as the model names it.
+def _is_bias_for(root: nn.Module, arg: Any, out_features: int) -> bool:
+    """A bias is a 1-D vector of ``out_features`` (addmm's ``input`` may be anything)."""
+    if not isinstance(arg, fx.Node):
+        return False
+    value = resolve_attr(root, arg.target) if arg.op == "get_attr" else arg.meta.get("val")
+    return isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] == out_features
+
+
+def _match(root: nn.Module, node: fx.Node) -> Optional[_Found]:
+    """The linear site ``node`` is, if any."""
+    if node.op == "call_module":
+        mod = resolve_attr(root, node.target)
+        weight = getattr(mod, "weight", None)
+        if isinstance(mod, nn.Linear) and node.args and isinstance(weight, nn.Parameter) and weight.dim() == 2:
+            return _Found(node, "nn.Linear", node.args[0], None, None, None, False, join(str(node.target), "weight"), weight, False)
+        return None
+    if node.op == "call_function" and node.target is ops.linear:
+        transposed = bool(node.kwargs.get("transposed", node.args[4] if len(node.args) > 4 else False))
+        found = _param_of(root, node.args[1], 2)
+        if found is None:
+            return None
+        target, weight, flipped = found
+        return _Found(node, "onelora", node.args[0], node.args[1], node.args[2], None, transposed, target, weight, flipped, node.args[3])
+    if node.op == "call_function" and node.target is ops.expert_term:
+        base = _match(root, node.args[0]) if isinstance(node.args[0], fx.Node) else None
+        if base is None:
+            return None
+        base.node, base.b_arg, base.kind = node, node.args[3], "onelora"
+        return base
+    call = read_call(node.op, node.target, node.args, node.kwargs)
+    if call is None or not isinstance(call.x, fx.Node) or call.x.op == "get_attr":
+        return None  # param @ param is not a layer applied to data
+    ndim = 3 if call.offsets is not None else 2
+    found = _param_of(root, call.weight, ndim)
+    if found is None:
+        return None
+    target, weight, flipped = found
+    in_out = call.weight_in_out != flipped
+    if call.bias is not None and not _is_bias_for(root, call.bias, weight.shape[-1] if in_out else weight.shape[-2]):
+        return None
+    return _Found(node, call.kind.value, call.x, call.weight, call.bias, call.offsets, call.weight_in_out, target, weight, flipped)
+
+
+def _owner_of(root: nn.Module, f: _Found) -> tuple[str, str, str]:
+    """``(owner, attr, caller)``: the weight's module path and attribute, as the model
+    names them, and the module whose forward makes the call.
 
     Tied weights have several names (GPT-2's ``lm_head.weight`` is
     ``transformer.wte.weight``) and export keeps only one of them in the graph; the
     module that makes the call knows the right one, so ask it first.
     """
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1][0]
-        path = path if isinstance(path, str) else ""
-        mod = resolve_attr(gm, path) if path else None
-        if isinstance(mod, nn.Module):
-            for attr, p in mod._parameters.items():
-                if p is tensor:
-                    return path, attr
-    owner, _, attr = target.rpartition(".")
-    return owner, attr
-
-
-# ---------------------------------------------------------------------------------
-# The output head
-
-
-# Ops through which a projection's output still "is" the model output: shape, cast,
-# activation, dropout, copies. Matched by name so aten, torch, F and Tensor-method
-# spellings of the same op all count.
-_PASS_THROUGH = {
-    "view", "_unsafe_view", "reshape", "permute", "transpose", "t", "expand", "squeeze",
-    "unsqueeze", "flatten", "unflatten", "slice", "select", "narrow", "split",
-    "split_with_sizes", "chunk", "unbind", "getitem", "alias", "detach", "contiguous",
-    "clone", "to", "_to_copy", "type", "float", "double", "half", "bfloat16", "relu",
-    "gelu", "silu", "sigmoid", "tanh", "softmax", "_softmax", "log_softmax",
-    "_log_softmax", "softplus", "elu", "leaky_relu", "hardtanh", "mish", "dropout",
-    "feature_dropout", "lift_fresh_copy", "movedim", "swapaxes", "view_as", "reshape_as",
-}
-_PASS_THROUGH_MODULES = (
-    nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.ReLU, nn.GELU, nn.SiLU,
-    nn.Sigmoid, nn.Tanh, nn.Softmax, nn.LogSoftmax, nn.Softplus, nn.ELU, nn.LeakyReLU,
-)
-_SHAPE_QUERIES = {"sym_size", "size", "numel", "dim", "sym_numel", "sym_stride", "stride", "_assert_tensor_metadata"}
-
-
-def _op_name(node: fx.Node) -> str:
-    t = node.target
-    if node.op == "call_method":
-        return str(t)
-    if isinstance(t, torch._ops.OpOverload):
-        return t.overloadpacket.__name__
-    return getattr(t, "__name__", str(t))
-
-
-def _passes_through(gm: fx.GraphModule, user: fx.Node) -> bool:
-    if user.op == "call_module":
-        return isinstance(resolve_attr(gm, user.target), _PASS_THROUGH_MODULES)
-    if user.op not in ("call_function", "call_method"):
-        return False
-    name = _op_name(user)
-    if name == "einsum":  # one operand: a permutation
-        operands = user.args[1] if len(user.args) == 2 and isinstance(user.args[1], (list, tuple)) else user.args[1:]
-        return len(operands) == 1
-    return name in _PASS_THROUGH
-
-
-def _is_head(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Does ``node``'s value reach the graph output through pass-through ops only?"""
-    seen = {node}
-    todo = [node]
-    while todo:
-        cur = todo.pop()
-        for user in cur.users:
-            if user in seen:
-                continue
-            seen.add(user)
-            if user.op == "output":
-                return True
-            if _op_name(user) in _SHAPE_QUERIES:
-                continue
-            if _passes_through(gm, user):
-                todo.append(user)
-    return False
+    if f.kind == "nn.Linear":
+        return f.target.rpartition(".")[0], "weight", f.target.rpartition(".")[0]
+    stack = module_stack(f.node)
+    caller = stack[-1] if stack else ""
+    mod = resolve_attr(root, caller) if caller else None
+    if isinstance(mod, nn.Module):
+        for attr, p in mod._parameters.items():
+            if p is f.weight:
+                return caller, attr, caller
+    owner, _, attr = f.target.rpartition(".")
+    return owner, attr, caller or owner
 
 
 # ---------------------------------------------------------------------------------
 
 
-def find_sites(gm: fx.GraphModule) -> list[LinearSite]:
-    """Every linear site of a captured or adapted module, in graph order.
+def find_sites(root: nn.Module, graph: Optional[fx.Graph] = None) -> list[LinearSite]:
+    """Every linear site of a captured or adapted graph, in graph order.
 
-    The output head: a site is a head when its output reaches a graph output through
-    shape, cast, activation and dropout ops only (``view``, ``permute``, ``to``,
-    ``softmax``, ``tanh``, ...). ``lm_head`` -> logits and a ViT ``classifier`` are
-    heads; the last block's ``down_proj`` is not (its output is added to the residual
-    stream), nor is any projection followed by a norm, another linear or an add.
+    ``root`` is the module the graph's ``get_attr`` targets name (a GraphModule is its
+    own root and graph). The output head follows :mod:`onelora_fx.heads`.
 
     Example:
         >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)))
         >>> [(s.name, s.is_head) for s in find_sites(gm)]
         [('0', False), ('1', True)]
     """
-    found: list[tuple[fx.Node, _Call, str, torch.Tensor, bool]] = []
-    for node in gm.graph.nodes:
-        call = _match_call(gm, node)
-        if call is None or not isinstance(call.x, fx.Node):
-            continue
-        if call.x.op == "get_attr":  # param @ param is not a layer applied to data
-            continue
-        if call.owner_hint is not None:
-            weight = resolve_attr(gm, call.owner_hint).weight
-            if isinstance(weight, nn.Parameter) and weight.dim() == 2:
-                found.append((node, call, f"{call.owner_hint}.weight", weight, False))
-            continue
-        resolved = _param_of(gm, call.weight_arg)
-        if resolved is None:
-            continue
-        target, weight, flipped = resolved
-        if call.bias_arg is not None and not _is_bias_for(gm, call.bias_arg, weight, call.arg_transposed != flipped):
-            continue
-        found.append((node, call, target, weight, flipped))
-
+    graph = root.graph if graph is None else graph
+    # a grouped matmul wrapped by an expert term is that term's site, not one of its own
+    wrapped = {n.args[0] for n in graph.nodes if n.op == "call_function" and n.target is ops.expert_term}
+    found = [f for f in (_match(root, n) for n in graph.nodes if n not in wrapped) if f is not None]
     counts: dict[int, int] = {}
-    for _, _, _, w, _ in found:
-        counts[id(w)] = counts.get(id(w), 0) + 1
-    seen: dict[int, int] = {}
+    for f in found:
+        counts[id(f.weight)] = counts.get(id(f.weight), 0) + 1
+    heads = HeadRule(graph, lambda target: resolve_attr(root, target))
     first_owner: dict[int, tuple[str, str]] = {}
+    seen: dict[int, int] = {}
     sites = []
-    for node, call, target, weight, flipped in found:
-        if call.owner_hint is not None:
-            owner, attr = call.owner_hint, "weight"
-        else:
-            owner, attr = _owner_of(gm, node, target, weight)
-        # one b per weight: its name comes from the weight's first call
-        first_owner.setdefault(id(weight), (owner, attr))
-        b_owner, b_attr = first_owner[id(weight)]
-        param_in_out = call.arg_transposed != flipped
-        layout = Layout.IN_OUT if param_in_out else Layout.OUT_IN
-        out_f, in_f = (weight.shape[1], weight.shape[0]) if param_in_out else (weight.shape[0], weight.shape[1])
-        index = seen.get(id(weight), 0)
-        seen[id(weight)] = index + 1
-        adapted = call.kind == "onelora"
-        kind = node.meta.get("onelora_kind", "onelora") if adapted else call.kind
-        adapter = str(call.b_arg.target) if adapted and isinstance(call.b_arg, fx.Node) else adapter_name_for(b_owner, b_attr)
+    for f in found:
+        owner, attr, caller = _owner_of(root, f)
+        b_owner, b_attr = first_owner.setdefault(id(f.weight), (owner, attr))  # one b per weight
+        in_out = f.arg_transposed != f.flipped
+        out_f, in_f = (f.weight.shape[-1], f.weight.shape[-2]) if in_out else (f.weight.shape[-2], f.weight.shape[-1])
+        index = seen.get(id(f.weight), 0)
+        seen[id(f.weight)] = index + 1
+        adapted = f.b_arg is not None
+        has_bias = f.bias_arg is not None or (f.kind == "nn.Linear" and resolve_attr(root, owner).bias is not None)
+        norm, cv = norm_feeding(root, f.x)
         sites.append(
             LinearSite(
-                name=owner if attr == "weight" else f"{owner}.{attr}" if owner else attr,
-                weight_name=f"{owner}.{attr}" if owner else attr,
+                name=owner if attr == "weight" else join(owner, attr),
+                weight_name=join(owner, attr),
                 owner=owner,
                 attr=attr,
-                adapter_name=adapter,
+                adapter_name=str(f.b_arg.target) if adapted and isinstance(f.b_arg, fx.Node) else adapter_name_for(b_owner, b_attr),
                 in_features=int(in_f),
                 out_features=int(out_f),
-                layout=layout,
-                has_bias=call.bias_arg is not None
-                or (call.owner_hint is not None and resolve_attr(gm, call.owner_hint).bias is not None),
-                kind=kind,
-                is_head=_is_head(gm, node),
+                layout=Layout.IN_OUT if in_out else Layout.OUT_IN,
+                has_bias=has_bias,
+                kind=f.node.meta.get("onelora_kind", f.kind) if adapted else f.kind,
+                is_head=heads.is_head(f.node),
                 call_index=index,
-                calls=counts[id(weight)],
+                calls=counts[id(f.weight)],
                 adapted=adapted,
-                dtype=weight.dtype,
-                device=weight.device,
-                node=node,
-                input=call.x,
-                weight_arg=call.weight_arg,
-                bias_arg=call.bias_arg,
-                arg_transposed=call.arg_transposed,
-                weight=weight,
+                dtype=f.weight.dtype,
+                device=f.weight.device,
+                experts=int(f.weight.shape[0]) if f.weight.dim() == 3 else None,
+                caller=caller,
+                norm=norm,
+                norm_scale_cv=cv,
+                node=f.node,
+                input=f.x,
+                weight_arg=f.weight_arg,
+                bias_arg=f.bias_arg,
+                offsets_arg=f.offsets,
+                arg_transposed=f.arg_transposed,
+                weight=f.weight,
             )
         )
     return sites
-
-
-def _is_bias_for(gm: fx.GraphModule, arg: Any, weight: torch.Tensor, param_in_out: bool) -> bool:
-    """A bias is a 1-D vector of ``out_features`` (addmm's ``input`` may be anything)."""
-    out_f = weight.shape[1] if param_in_out else weight.shape[0]
-    if isinstance(arg, fx.Node):
-        if arg.op == "get_attr":
-            value = resolve_attr(gm, arg.target)
-        else:
-            value = arg.meta.get("val")
-        return isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] == out_f
-    return False
 
 
 def group_by_weight(sites: Iterable[LinearSite]) -> dict[str, list[LinearSite]]:

@@ -1,15 +1,15 @@
 """What an adapted module remembers about its adaptation (beyond its graph and params).
 
-Kept in ``gm.meta`` for GraphModules (survives ``copy.deepcopy``) and as an attribute on
-modules adapted by the module-level fallback. Everything here is optional: a pickled
-GraphModule loses ``meta``, and every pass still works from the graph alone.
+Kept in ``gm.meta`` for GraphModules (survives ``copy.deepcopy``) and as an attribute of
+the module form's root. Everything here is optional: a pickled GraphModule loses
+``meta``, and every pass still works from the graph (or the adapted layers) alone.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional
 
 import torch
 from torch import fx, nn
@@ -43,6 +43,15 @@ class AdapterState:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     #: buffers, copied at capture for the same reason: name -> the model's tensor
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: the model it was made from (merge in place unties a tied head there too)
+    model: Optional[Any] = None
+    #: every site of the model, as found at transform (the module form's record)
+    sites: tuple = ()
+
+    def __deepcopy__(self, memo: dict) -> "AdapterState":
+        # the model and the originals are the model's: a copy of the adapted module
+        # still comes from that model (its tensors are never copied)
+        return replace(self, extras=dict(self.extras), buffers=dict(self.buffers))
 
 
 def get_state(module: nn.Module) -> Optional[AdapterState]:

@@ -9,7 +9,7 @@ from torch import nn
 
 from .sites import LinearSite
 from .state import get_state
-from .transform import adapted_sites
+from .query import adapted_sites
 
 __all__ = ["summary", "site_table", "parameter_counts"]
 
@@ -20,21 +20,32 @@ def parameter_counts(module: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
+def _norm(s: LinearSite) -> str:
+    """The LayerNorm a site reads and its scale's coefficient of variation."""
+    if s.norm is None:
+        return ""
+    cv = "?" if s.norm_scale_cv is None else f"{s.norm_scale_cv:.3f}"
+    return f"LayerNorm (γ cv {cv})"
+
+
 def site_table(sites: Sequence[LinearSite], *, tablefmt: str = "simple") -> str:
-    """One row per linear call: name, form, shape, head, selected, where ``b`` lives."""
+    """One row per linear call: name, form, shape, head, the LayerNorm it reads,
+    selected, where ``b`` lives."""
     rows = [
         (
             s.name + (f" (call {s.call_index + 1}/{s.calls})" if s.calls > 1 else ""),
             s.kind,
-            f"{s.in_features} -> {s.out_features}",
+            f"{s.in_features} -> {s.out_features}" + (f" x{s.experts} experts" if s.experts else ""),
             s.layout.value,
             "head" if s.is_head else "",
+            _norm(s),
             "yes" if s.selected else "",
             s.adapter_name if s.selected else "",
         )
         for s in sites
     ]
-    return tabulate(rows, headers=("site", "form", "in -> out", "layout", "", "1LoRA", "vector"), tablefmt=tablefmt)
+    headers = ("site", "form", "in -> out", "layout", "", "input", "1LoRA", "vector")
+    return tabulate(rows, headers=headers, tablefmt=tablefmt, colalign=("left",) * len(headers))
 
 
 def summary(gm: nn.Module, *, tablefmt: str = "simple") -> str:

@@ -1,7 +1,9 @@
-"""``transform``: capture -> find sites -> select -> rewrite -> freeze, in one call.
+"""``transform``: capture -> find sites -> select -> adapt -> freeze, in one call.
 
-This is the orchestration layer; each stage lives in its own module (capture, sites,
-patterns, rewrite, fallback) and knows nothing of the others' internals.
+The orchestrator: it chooses the form once (a captured graph, or the module form when
+``capture="module"`` or no graph capture works under ``"auto"``) and runs the stages
+through the form's interface (:mod:`onelora_fx.forms`). Nothing imports this module but
+the public API.
 """
 
 from __future__ import annotations
@@ -9,63 +11,26 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from dataclasses import replace
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
-from torch import fx, nn
+from torch import nn
 
-from . import ops
-from .capture import Capture, CaptureError, capture as capture_module, own_buffers
-from .fallback import OneLoRAConv1D, OneLoRALinear, adapt_modules, module_sites, structural_copy
+from .capture import Capture, CaptureError, first_line, why_export_failed
+from .coverage import warn_unadapted
+from .forms import Captured, GraphForm, ModuleForm, form_of
+from .norms import NEAR_UNIFORM_CV
 from .patterns import Pattern, compile_pattern, describe, select
-from .rewrite import AlreadyAdaptedError, adapt_graph
-from .sites import LinearSite, find_sites
-from .state import AdapterState, Extra, get_state, set_state
+from .query import adapted_sites, is_adapted
+from .rewrite import AlreadyAdaptedError
+from .sites import LinearSite, join
+from .state import AdapterState, Extra, set_state
 
-__all__ = ["transform", "sites", "adapted_sites", "is_adapted", "adapter_parameters"]
+__all__ = ["transform", "sites"]
 
 log = logging.getLogger(__name__)
 
 Train = Union[str, Extra, Iterable[Union[str, Extra]]]
-
-
-def is_adapted(module: nn.Module) -> bool:
-    """Does ``module`` already carry 1LoRA vectors (graph nodes or adapted layers)?"""
-    if get_state(module) is not None:
-        return True
-    if isinstance(module, fx.GraphModule) and any(
-        n.op == "call_function" and n.target is ops.linear for n in module.graph.nodes
-    ):
-        return True
-    return any(isinstance(m, (OneLoRALinear, OneLoRAConv1D)) for m in module.modules())
-
-
-def adapted_sites(module: nn.Module) -> list[LinearSite]:
-    """The sites of an adapted module (``selected`` = carries a 1LoRA vector)."""
-    if isinstance(module, fx.GraphModule):
-        return [replace(s, selected=s.adapted) for s in find_sites(module)]
-    return module_sites(module)
-
-
-def adapter_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
-    """Every trained tensor of an adapted module: the ``b`` vectors, then ``train`` extras.
-
-    Found from the structure (the adapted sites and the recorded extras), never by name.
-
-    Example:
-        >>> gm = transform(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), "all")
-        >>> list(adapter_parameters(gm))
-        ['0.onelora_b', '1.onelora_b']
-    """
-    out: dict[str, nn.Parameter] = {}
-    for s in adapted_sites(module):
-        if s.adapted and s.adapter_name not in out:
-            out[s.adapter_name] = module.get_parameter(s.adapter_name)
-    state = get_state(module)
-    for name in state.extras if state else ():
-        out[name] = module.get_parameter(name)
-    return out
 
 
 def _extras(train: Train) -> tuple[Extra, ...]:
@@ -96,16 +61,15 @@ def _extra_names(root: nn.Module, model: nn.Module, found: Sequence[LinearSite],
     if Extra.NORM in extras:
         for path, m in model.named_modules():
             if _is_norm(m):
-                names += [f"{path}.{p}" if path else p for p in m._parameters if m._parameters[p] is not None]
+                names += [join(path, p) for p in m._parameters if m._parameters[p] is not None]
     if Extra.HEAD in extras:
         heads = [s for s in found if s.is_head and s.call_index == 0]
         if not heads:
             raise ValueError("train=('head',) but the model has no output head (see ol.sites(...).is_head)")
         for s in heads:
             names.append(s.weight_name)
-            bias = f"{s.owner}.bias" if s.owner else "bias"
-            if s.has_bias and bias in present:
-                names.append(bias)
+            if s.has_bias and join(s.owner, "bias") in present:
+                names.append(join(s.owner, "bias"))
     return [n for n in dict.fromkeys(names) if n in present]
 
 
@@ -137,18 +101,37 @@ def _check_model(model: Any) -> None:
         )
 
 
-def _capture_or_fallback(model, example_inputs, example_kwargs, method, dynamic):
+def _take(model: nn.Module, args: tuple, kwargs: dict, method: Capture, dynamic: bool) -> Captured:
+    """The model in the form ``method`` asks for (``auto``: a graph when one works)."""
+    if method is Capture.MODULE:
+        return ModuleForm().capture(model, args, kwargs, dynamic, method)
     try:
-        return capture_module(model, example_inputs, example_kwargs, method=method, dynamic=dynamic)
+        return GraphForm().capture(model, args, kwargs, dynamic, method)
     except CaptureError as e:
         if method is not Capture.AUTO:
             raise
+        causes = [why_export_failed(r) if k == "export" else f"{type(r).__name__}: {first_line(r)}" for k, r in e.reasons.items()]
         warnings.warn(
-            f"{e}\nAdapting {type(model).__name__} at module level instead (same names, same "
-            "numerics; functional linears such as F.linear on a raw parameter are not adapted).",
+            f"no graph capture works for {type(model).__name__} ({'; '.join(causes)}). Adapting it in the "
+            "module form instead: the model's own class with its layers adapted (same names, same "
+            "numerics; generate() and save_pretrained() work).",
             stacklevel=3,
         )
-        return None
+        return ModuleForm(failed=e).capture(model, args, kwargs, dynamic, Capture.MODULE)
+
+
+def _warn_uniform_norms(chosen: Sequence[LinearSite]) -> None:
+    """1LoRA's term vanishes behind a LayerNorm whose scale is (nearly) uniform."""
+    picked = [s for s in chosen if s.selected and s.call_index == 0]
+    flat = [s for s in picked if s.norm is not None and s.norm_scale_cv is not None and s.norm_scale_cv < NEAR_UNIFORM_CV]
+    if flat:
+        warnings.warn(
+            f"{len(flat)} of {len(picked)} selected sites read a LayerNorm output whose scale is nearly "
+            f"uniform (coefficient of variation < {NEAR_UNIFORM_CV}; e.g. {flat[0].name} after {flat[0].norm}): "
+            "there x.sum(-1) is almost the constant sum of the norm's bias, so 1LoRA's term acts as a "
+            "bias only. Train the norms too (train=('norm',)) or exclude these sites.",
+            stacklevel=3,
+        )
 
 
 def sites(
@@ -163,7 +146,8 @@ def sites(
     """Every linear site of a model (captured as ``transform`` would) or adapted module.
 
     ``selected`` marks what ``pattern`` (default ``"all-linear"``) chooses; on an adapted
-    module with no pattern, it marks the adapted sites.
+    module with no pattern, it marks the adapted sites. Parameters read by matmul-like
+    ops that are not sites are reported in one warning.
 
     Example:
         >>> [s.name for s in sites(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))) if s.selected]
@@ -174,9 +158,10 @@ def sites(
     if is_adapted(model_or_gm):
         found = adapted_sites(model_or_gm)
         return found if pattern is None else select(found, pattern, exclude)
-    cap = _capture_or_fallback(model_or_gm, example_inputs, example_kwargs, Capture(capture), True)
-    found = module_sites(model_or_gm) if cap is None else find_sites(cap.gm)
-    return select(found, "all-linear" if pattern is None else pattern, exclude)
+    method = Capture.parse(capture)
+    captured = _take(model_or_gm, tuple(example_inputs or ()), dict(example_kwargs or {}), method, True)
+    warn_unadapted(model_or_gm, captured.unadapted, stacklevel=2)
+    return select(captured.sites, "all-linear" if pattern is None else pattern, exclude)
 
 
 def transform(
@@ -189,18 +174,20 @@ def transform(
     dynamic: bool = True,
     capture: str = "auto",
     train: Train = (),
-) -> fx.GraphModule:
+) -> nn.Module:
     """Adapt ``model`` with 1LoRA at the linear sites ``pattern`` selects.
 
     Returns a module called exactly like ``model`` that computes
     ``linear(x) + b * x.sum(-1, keepdim=True)`` at every selected site, with one
-    trainable ``b`` (zeros) per weight, registered next to it
-    (``<owner>.onelora_b``). Base parameters are frozen and shared with ``model`` (no
-    copy); ``train`` adds trainable copies of ``"bias"``, ``"norm"`` or ``"head"``
-    parameters. ``model`` itself is never changed, except that its parameters are
-    frozen. It is a ``torch.fx.GraphModule`` whenever a graph capture worked; with
-    ``capture="auto"`` and no capture possible, it is a structural copy of ``model``
-    whose ``nn.Linear`` / ``Conv1D`` layers are adapted (with a warning).
+    trainable ``b`` (zeros) per weight, registered next to it (``<owner>.onelora_b``).
+    Base parameters are frozen and shared with ``model`` (no copy); ``train`` adds
+    trainable copies of ``"bias"``, ``"norm"`` or ``"head"`` parameters. ``model``
+    itself is never changed, except that its parameters are frozen.
+
+    The result is a ``torch.fx.GraphModule`` (the graph form) when a graph capture works
+    (``capture="auto"``, ``"fx"``, ``"export"``), or a copy of the model's own class with
+    its layers adapted (the module form: ``capture="module"``, or ``"auto"`` when no
+    graph capture works, with a warning saying why).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
@@ -215,7 +202,7 @@ def transform(
         TypeError: ``model`` is not a module, or a pattern has the wrong type.
         PatternError: the pattern selects nothing (the message lists the sites).
         AlreadyAdaptedError: ``model`` already carries 1LoRA.
-        ValueError: export is needed and no example inputs were given.
+        ValueError: export is needed and no example inputs were given; a bad ``capture``.
         CaptureError: ``capture="fx"`` / ``"export"`` and that capture failed.
     """
     _check_model(model)
@@ -223,41 +210,34 @@ def transform(
     if exclude is not None:
         compile_pattern(exclude)
     extras = _extras(train)
-    method = Capture(capture)
-    if method is Capture.MODULE:
-        raise ValueError("capture must be 'auto', 'fx' or 'export'")
+    method = Capture.parse(capture)
 
     start = time.perf_counter()
-    cap = _capture_or_fallback(model, example_inputs, example_kwargs, method, dynamic)
-    if cap is None:
-        root: nn.Module = structural_copy(model)
-        buffers = own_buffers(root)
-        found = module_sites(root)
-        used = Capture.MODULE
-    else:
-        root, buffers, used = cap.gm, cap.buffers, cap.method
-        found = find_sites(root)
-    log.info("captured %s with %s in %.2fs: %d linear sites", type(model).__name__, used.value, time.perf_counter() - start, len(found))
+    captured = _take(model, tuple(example_inputs or ()), dict(example_kwargs or {}), method, dynamic)
+    root, found = captured.root, captured.sites
+    log.info("captured %s (%s) in %.2fs: %d linear sites", type(model).__name__, captured.method.value,
+             time.perf_counter() - start, len(found))
     if not found:
         raise ValueError(
-            f"{type(model).__name__} has no linear sites (nn.Linear, F.linear, addmm / mm / "
-            "matmul on a 2-D parameter); there is nothing for 1LoRA to adapt"
+            f"{type(model).__name__} has no linear sites (nn.Linear, F.linear, addmm / mm / matmul on a "
+            "parameter, grouped expert matmuls); there is nothing for 1LoRA to adapt"
         )
+    warn_unadapted(model, captured.unadapted, stacklevel=2)
     chosen = select(found, pattern, exclude)
+    _warn_uniform_norms(chosen)
     extra_names = _extra_names(root, model, chosen, extras)
 
     # Everything is checked: mutate.
-    vectors = adapt_graph(root, chosen) if used is not Capture.MODULE else adapt_modules(root, chosen)
+    form = form_of(root)
+    vectors = form.adapt(root, chosen)
+    trained = {id(b) for b in vectors.values()}
     for p in root.parameters():
-        if not any(p is b for b in vectors.values()):
+        if id(p) not in trained:
             p.requires_grad_(False)
     originals = _train_copies(root, extra_names)
-    set_state(root, AdapterState(describe(pattern), used.value, extras, originals, buffers))
-    log.info(
-        "adapted %d sites (%d vectors, %d trainable parameters) in %.2fs",
-        sum(s.selected for s in chosen),
-        len(vectors),
-        sum(p.numel() for p in root.parameters() if p.requires_grad),
-        time.perf_counter() - start,
-    )
+    sites_record = tuple(chosen) if captured.method is Capture.MODULE else ()
+    set_state(root, AdapterState(describe(pattern), captured.method.value, extras, originals, captured.buffers,
+                                 model, sites_record))
+    log.info("adapted %d sites (%d vectors, %d trainable parameters) in %.2fs", sum(s.selected for s in chosen),
+             len(vectors), sum(p.numel() for p in root.parameters() if p.requires_grad), time.perf_counter() - start)
     return root

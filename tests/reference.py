@@ -69,3 +69,11 @@ def tolerance(dtype: torch.dtype) -> dict:
         torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
         torch.float16: dict(rtol=2e-3, atol=2e-3),
     }[dtype]
+
+
+def base_capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> torch.fx.GraphModule:
+    """The un-adapted capture of ``model`` (what a merged graph must equal, op for op)."""
+    from onelora_fx.capture import Capture
+    from onelora_fx.forms import GraphForm
+
+    return GraphForm().capture(model, tuple(args), dict(kwargs or {}), True, Capture.AUTO).root

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import onelora_fx as ol
-from onelora_fx.capture import capture
 from reference import ILoRA, randomize_adapters
 
 
@@ -49,7 +48,7 @@ class ConvBN(nn.Module):
 def test_fallback_adapts_modules_with_a_warning():
     model = DataDependent()
     x = torch.randn(4, 8)
-    with pytest.warns(UserWarning, match=r"no graph capture works.*\n.*fx.*\n.*export"):
+    with pytest.warns(UserWarning, match=r"no graph capture works for DataDependent .*data-dependent Python control flow"):
         adapted = ol.transform(model, "all", example_inputs=(x,))
     assert not isinstance(adapted, torch.fx.GraphModule)
     assert {n for n, p in adapted.named_parameters() if p.requires_grad} == {

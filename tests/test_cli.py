@@ -34,7 +34,7 @@ def test_inspect_builtin_with_patterns():
 def test_inspect_import_spec_with_examples():
     r = cli("inspect", "handwritten:MLP", "--exclude", "fc2")
     assert r.returncode == 0, r.stderr
-    assert "selects 1 sites: 16 trainable parameters" in r.stdout
+    assert "selects 1 site: 16 trainable parameters" in r.stdout
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 import onelora_fx as ol
 from handwritten import MODULES, example
 from onelora_fx import zoo
-from onelora_fx.capture import capture
-from reference import first_tensor, randomize_adapters, tolerance
+from reference import base_capture, first_tensor, randomize_adapters, tolerance
 
 pytest.importorskip("transformers")
 
@@ -33,7 +32,7 @@ def family(request):
     model, args, kwargs = zoo.build(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        base_nodes = len(capture(model, args, kwargs).gm.graph.nodes)
+        base_nodes = len(base_capture(model, args, kwargs).graph.nodes)
         gm = ol.transform(model, "all-linear", example_inputs=args, example_kwargs=kwargs)
     randomize_adapters(gm, seed=5)
     gm.eval()
@@ -105,7 +104,7 @@ def test_merge_handwritten(name, dtype, seed):
     gm = ol.transform(model, pattern)
     randomize_adapters(gm, seed)
     merged = ol.merge(gm)
-    assert len(merged.graph.nodes) == len(capture(model).gm.graph.nodes)
+    assert len(merged.graph.nodes) == len(base_capture(model).graph.nodes)
     if dtype == torch.float32:
         close(merged(x), gm(x))
     else:  # no worse than the adapted module's own bfloat16 error against float32

@@ -189,11 +189,10 @@ def test_a_tied_head_trained_in_full_stays_tied():
 
 
 def test_train_copies_copies_an_aliased_parameter_once():
-    from onelora_fx.capture import own_module_tree
+    from onelora_fx.copying import copy_module_tree
     from onelora_fx.transform import _train_copies
 
-    root = MODULES["tied"]()
-    own_module_tree(root)
+    root = copy_module_tree(MODULES["tied"]())
     originals = _train_copies(root, ["lm_head.weight", "embed.weight"])
     assert list(originals) == ["lm_head.weight"]
     assert root.lm_head.weight is root.embed.weight and root.embed.weight.requires_grad

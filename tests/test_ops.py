@@ -69,6 +69,7 @@ def test_gradcheck(transposed, bias, contiguous):
     x, w, bvec, b = make((3, 4), 5, 6, torch.float64, transposed, bias, contiguous, 0)
     args = [x.requires_grad_(), w.requires_grad_(), bvec.requires_grad_() if bias else None, b.requires_grad_()]
     assert torch.autograd.gradcheck(lambda *a: ops.linear(*a, transposed), args)
+    # the custom op returns (y, s): both outputs' gradients
     assert torch.autograd.gradcheck(lambda *a: torch.ops.onelora.linear(*a, transposed), args)
 
 

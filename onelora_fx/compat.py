@@ -1,0 +1,89 @@
+"""Every private torch API onelora_fx touches, in one place, each with the reason.
+
+Everything else in the package uses public torch APIs only. When a torch release moves
+one of these, this file is the one to change; ``.ci/compat`` runs the whole test suite on
+the newest torch these machines install, so such a release shows up here first.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import fx
+
+__all__ = [
+    "OpOverload",
+    "counters",
+    "compile_with_inductor",
+    "export_specs",
+    "module_stack",
+    "pytree",
+    "set_flat_codegen",
+]
+
+# torch.utils._pytree: export records a model's input and output structure as its
+# TreeSpec; flattening a call the same way is how a call meets its graph. There is no
+# public pytree module in torch 2.13 (torch.utils.pytree is planned).
+from torch.utils import _pytree as pytree  # noqa: E402
+
+# torch._ops.OpOverload: the type of ``torch.ops.ns.op.overload``; telling an overload
+# from a Python function is how a graph node's op is named (no public alias exists).
+OpOverload = torch._ops.OpOverload
+
+# torch._dynamo.utils.counters: the counter table torch.compile's own passes count in and
+# tests read; the ``onelora`` backend counts its rewrites there (no public counters API).
+from torch._dynamo.utils import counters  # noqa: E402
+
+
+def compile_with_inductor(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], mode: Optional[str], options: Optional[dict[str, Any]]
+) -> Callable[..., Any]:
+    """Hand a Dynamo graph to Inductor with ``torch.compile``'s ``mode`` / ``options``.
+
+    ``torch._inductor.compile_fx.compile_fx`` is what ``backend="inductor"`` runs; it is
+    the only entry point that takes a graph plus config patches (``list_mode_options``
+    turns a ``mode`` name into those patches, as ``torch.compile`` does).
+    """
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = dict(list_mode_options(mode) if mode and mode != "default" else {})
+    patches.update(options or {})
+    return compile_fx(gm, list(example_inputs), config_patches=patches or None)
+
+
+def export_specs(graph: fx.Graph) -> tuple[Optional[pytree.TreeSpec], Optional[pytree.TreeSpec]]:
+    """``(in_spec, out_spec)`` of a graph from ``ExportedProgram.module()``.
+
+    Export's unlifted graph flattens its call with a private code generator
+    (``_PyTreeCodeGen``) that keeps both specs in ``pytree_info``.
+    """
+    info = getattr(graph._codegen, "pytree_info", None)
+    if info is None:
+        return None, None
+    return info.in_spec, info.out_spec
+
+
+def set_flat_codegen(graph: fx.Graph) -> None:
+    """Make a graph's ``forward`` take its placeholders flat (``forward(self, a, b)``).
+
+    ``fx.graph.CodeGen`` is the default code generator; it is public in use but not in
+    ``torch.fx.__all__``. The specs removed here are kept by the caller.
+    """
+    graph.set_codegen(fx.graph.CodeGen())
+
+
+def module_stack(node: fx.Node) -> list[str]:
+    """The module paths a node was traced under, outermost first.
+
+    ``node.meta["nn_module_stack"]`` is ``{key: (path, type)}`` on export and fx graphs;
+    its layout is internal to torch.
+    """
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for value in stack.values():
+        path = value[0] if isinstance(value, tuple) and value else value
+        if isinstance(path, str):
+            out.append(path)
+    return out
