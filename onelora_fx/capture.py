@@ -24,7 +24,7 @@ from torch import fx, nn
 from torch.export import Dim
 
 from . import modes
-from .compat import export_specs, pytree
+from .compat import export_specs, is_view, pytree
 
 __all__ = ["Capture", "CaptureError", "Traced", "trace", "auto_dynamic_shapes", "first_line"]
 
@@ -128,7 +128,7 @@ def fresh_examples(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     seen: set[int] = set()
 
     def fresh(t: torch.Tensor) -> torch.Tensor:
-        if id(t) in seen or t._base is not None:
+        if id(t) in seen or is_view(t):
             t = t.clone()
         seen.add(id(t))
         return t

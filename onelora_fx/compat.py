@@ -1,8 +1,14 @@
 """Every private torch API onelora_fx touches, in one place, each with the reason.
 
-Everything else in the package uses public torch APIs only. When a torch release moves
-one of these, this file is the one to change; ``.ci/compat`` runs the whole test suite on
-the newest torch these machines install, so such a release shows up here first.
+Everything else in the package uses public torch APIs, plus two long-standing
+conventions every adapter library relies on: ``nn.Module``'s ``_parameters`` /
+``_buffers`` / ``_modules`` dicts (to put a tensor in a slot without registering it
+anew), and ``torch._dynamo.register_backend``, which is private by name but the
+documented way to name a ``torch.compile`` backend (``torch.compiler`` has none).
+
+When a torch release moves one of these, this file is the one to change; ``.ci/compat``
+runs the whole test suite on the newest torch these machines install, so such a release
+shows up here first.
 """
 
 from __future__ import annotations
@@ -13,12 +19,16 @@ import torch
 from torch import fx
 
 __all__ = [
+    "GROUPED_MM",
+    "GUARDS_PREFIX",
     "OpOverload",
     "counters",
     "compile_with_inductor",
     "export_specs",
+    "is_view",
     "module_stack",
     "pytree",
+    "route_forward",
     "set_flat_codegen",
 ]
 
@@ -87,3 +97,33 @@ def module_stack(node: fx.Node) -> list[str]:
         if isinstance(path, str):
             out.append(path)
     return out
+
+
+# torch._grouped_mm (and its aten overload): the grouped matmul transformers calls for
+# mixture-of-experts layers where F.grouped_mm does not exist; an expert site can be
+# either, so both are in the linear-op table.
+GROUPED_MM = (torch._grouped_mm, torch.ops.aten._grouped_mm.default)
+
+# ExportedProgram.module() checks a call's shape guards in a submodule it names
+# "_guards_fn" (torch.export._unlift); a second graph of the same module needs its own.
+GUARDS_PREFIX = "_guards_fn"
+
+
+def is_view(t: torch.Tensor) -> bool:
+    """Does ``t`` view another tensor's storage? (``Tensor._base``; export guards on a
+    view's base size, so an example that is a view gets its own storage.)"""
+    return t._base is not None
+
+
+def route_forward(gm: fx.GraphModule, forward: Callable[..., Any]) -> Callable[..., Any]:
+    """Put ``forward`` in front of a GraphModule's compiled graph; returns the compiled one.
+
+    Each GraphModule instance has a class of its own, and ``recompile()`` sets the graph's
+    generated code as that class's ``forward`` (so that instances never share code). A
+    module that must see every call first (to choose among graphs) replaces it there,
+    after each recompile.
+    """
+    cls = type(gm)
+    generated = cls.forward
+    cls.forward = forward
+    return generated

@@ -30,7 +30,7 @@ from torch import fx, nn
 from . import ops
 from .calls import CallGraph, Signature
 from .capture import Capture, CaptureError, Traced, first_line, trace
-from .compat import pytree, set_flat_codegen
+from .compat import GUARDS_PREFIX, pytree, route_forward, set_flat_codegen
 from .copying import copy_module_tree
 from .materialize import non_persistent_buffers, rebuild_buffers, zero_vectors
 from .modes import follow_train_eval
@@ -137,9 +137,8 @@ class CapturedModule(fx.GraphModule):
 
     def recompile(self):  # type: ignore[override]
         code = super().recompile()
-        cls = type(self)  # each GraphModule instance has a class of its own
-        cls._onelora_graph_forward = cls.forward
-        cls.forward = _make_forward(self)
+        # every call goes through _call, which picks the graph that serves it
+        type(self)._onelora_graph_forward = route_forward(self, _make_forward(self))
         return code
 
     def __reduce__(self):
@@ -196,11 +195,12 @@ class CapturedModule(fx.GraphModule):
         """Make a graph captured from :meth:`shadow` a graph of this module: attributes
         it reads, guards, the mode flag, flat inputs, and this module's adaptation."""
         graph = traced.module.graph
+        graph.owning_module = self  # its targets are this module's now
         for node in graph.nodes:
             if node.op == "get_attr" and resolve_attr(self, node.target) is None:
                 _register(self, str(node.target), resolve_attr(traced.module, node.target))
-            elif node.op == "call_module" and str(node.target).startswith("_guards_fn"):
-                name = _free_name(self, "_guards_fn")
+            elif node.op == "call_module" and str(node.target).startswith(GUARDS_PREFIX):
+                name = _free_name(self, GUARDS_PREFIX)
                 self.add_submodule(name, traced.module.get_submodule(str(node.target)))
                 node.target = name
         follow_train_eval(self, graph)

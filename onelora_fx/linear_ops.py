@@ -30,7 +30,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from .compat import OpOverload
+from .compat import GROUPED_MM, OpOverload
 
 __all__ = ["Kind", "Call", "read_call", "unwrap_transpose", "op_name", "is_matmul_like", "argument"]
 
@@ -59,8 +59,7 @@ _FUNCTIONS: dict[Any, Kind] = {
     aten.matmul.default: Kind.MATMUL,
     torch.Tensor.matmul: Kind.MATMUL,
     torch.Tensor.__matmul__: Kind.MATMUL,
-    torch._grouped_mm: Kind.GROUPED,
-    aten._grouped_mm.default: Kind.GROUPED,
+    **{f: Kind.GROUPED for f in GROUPED_MM},
 }
 if hasattr(F, "grouped_mm"):
     _FUNCTIONS[F.grouped_mm] = Kind.GROUPED

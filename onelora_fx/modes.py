@@ -133,6 +133,11 @@ def _counts_batches(node: fx.Node) -> bool:
 
 
 _NO_OPS = {aten.contiguous.default, aten.alias.default}
+# Dropout is the identity in eval mode, and eval-mode dropout returns its input object
+# itself: some torch versions then trace later uses of that tensor through the dropout
+# node (dropout(dropout(x)) where training has dropout(x) twice). Compared modulo
+# dropout, both traces are the same computation.
+_DROPOUTS = {t for t in _TRAIN_FLAGS if "dropout" in getattr(t, "__name__", str(t))}
 
 
 def _mode_arg(node: fx.Node) -> Optional[tuple[int, str]]:
@@ -149,9 +154,9 @@ def _fingerprint(graph: fx.Graph) -> list[tuple[fx.Node, Any]]:
     for node in graph.nodes:
         if node.op == "call_function" and node.target is aten.add_.Tensor and _counts_batches(node):
             continue  # only the training trace counts batches: the mode node handles it
-        if node.op == "call_function" and node.target in _NO_OPS and isinstance(node.args[0], fx.Node):
+        if node.op == "call_function" and node.target in (_NO_OPS | _DROPOUTS) and isinstance(node.args[0], fx.Node):
             # export records .contiguous() only when the strides need it, and dropout
-            # changes the strides attention returns
+            # changes the strides attention returns; dropout itself: see _DROPOUTS
             index[node] = index.get(node.args[0], -1)
             continue
         args, kwargs = list(node.args), dict(node.kwargs)

@@ -149,6 +149,7 @@ def _readers_elsewhere(gm: nn.Module, sites: list[LinearSite], readers: dict[int
     reads their weight (under any name). A transpose that feeds only adapted calls
     (``matmul(x, t(W))``) belongs to them."""
     calls = {s.node for s in sites}
+    calls |= {s.node.args[0] for s in sites if s.experts and s.node.target is ops.expert_term}  # the grouped matmul
     own_views = {s.weight_arg for s in sites if s.weight_arg is not None and set(s.weight_arg.users) <= calls}
     return [
         (node, u)
