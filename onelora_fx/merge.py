@@ -69,33 +69,51 @@ def _write_back(root: nn.Module) -> None:
                 module._buffers[leaf] = original
 
 
+def _untie_config(model: nn.Module, root: nn.Module, untied: list[str]) -> list[str]:
+    """Stop a transformers model from tying its embeddings (one flag, for every tie the
+    model declares), keeping the ties other than ``untied`` as separate copies so that
+    ``save_pretrained`` / ``from_pretrained`` keep them too. Returns what it changed."""
+    config = getattr(model, "config", None)
+    expand = getattr(model, "get_expanded_tied_weights_keys", None)
+    if not getattr(config, "tie_word_embeddings", False) or not callable(expand):
+        return []
+    changed = []
+    for target, source in expand(all_submodels=True).items():
+        if target in untied:
+            continue
+        shared = model.get_parameter(target)
+        if shared is model.get_parameter(source):  # the flag going off would drop this tie
+            copy = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+            for module in (model, root):
+                if target in dict(module.named_parameters(remove_duplicate=False)):
+                    _set_param(module, target, copy)
+            changed.append(f"{target} (now a copy of {source})")
+    for cfg in [config, *[c for c in [getattr(config, "get_text_config", lambda: None)()] if c is not None and c is not config]]:
+        if getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
+    return [f"{type(config).__name__}.tie_word_embeddings is now False", *changed]
+
+
 def _untie(root: nn.Module, plans: list[Plan]) -> None:
     """``inplace=True`` with a tied weight: the merged copy goes into the model too, so
-    that the model computes what the merged module computes."""
+    that the model computes what the merged module computes, also after
+    ``save_pretrained`` / ``from_pretrained``."""
     state = get_state(root)
     model = state.model if state is not None else None
-    untied, configs = [], []
-    for plan in plans:
-        if not plan.own_copy:
-            continue
-        name = plan.sites[0].weight_name
-        untied.append(name)
-        if model is None:
-            continue
-        _set_param(model, name, root.get_parameter(name))
-        config = getattr(model, "config", None)
-        text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else None
-        for cfg in dict.fromkeys(c for c in (config, text) if c is not None):
-            if getattr(cfg, "tie_word_embeddings", False):
-                cfg.tie_word_embeddings = False  # save_pretrained / from_pretrained keep both
-                configs.append(type(cfg).__name__)
-    if untied:
-        warnings.warn(
-            f"{', '.join(untied)} was tied to another weight: it now holds its own merged copy, in the merged "
-            "module" + (" and in the model" if model is not None else "") + ", and the other reader keeps "
-            "the original" + (f"; {', '.join(configs)}.tie_word_embeddings is now False" if configs else ""),
-            stacklevel=3,
-        )
+    untied = [plan.sites[0].weight_name for plan in plans if plan.own_copy]
+    if not untied:
+        return
+    changes: list[str] = []
+    if model is not None:
+        for name in untied:
+            _set_param(model, name, root.get_parameter(name))
+        changes = _untie_config(model, root, untied)
+    warnings.warn(
+        f"{', '.join(untied)} was tied to another weight: it now holds its own merged copy, in the merged "
+        "module" + (" and in the model" if model is not None else "") + ", and the other reader keeps "
+        "the original" + (f"; {'; '.join(changes)}" if changes else ""),
+        stacklevel=3,
+    )
 
 
 def merge(gm: nn.Module, *, inplace: bool = False) -> nn.Module:
