@@ -1,13 +1,15 @@
 """1LoRA with torch.distributed: data-parallel fine-tuning over 2 CPU processes (gloo).
 
     torchrun --nproc-per-node 2 examples/ddp_finetune.py           # DistributedDataParallel
-    torchrun --nproc-per-node 2 examples/ddp_finetune.py --fsdp    # FSDP2 fully_shard
+    torchrun --nproc-per-node 2 examples/ddp_finetune.py --fsdp    # FSDP2, layer by layer
 
 Every rank builds the same model (same seed), adapts it, and trains on its slice of one
 fixed global batch. Only the ``b`` vectors require grad, so they are all that DDP
 all-reduces (frozen base weights never enter a gradient bucket) and all that FSDP2
-reduce-scatters. With GPUs present each rank takes ``cuda:<LOCAL_RANK>`` and the
-``nccl`` backend (that path has not been run on a GPU here).
+reduce-scatters. DDP runs on the graph form; FSDP2 shards the module form (the model's
+own class) one decoder layer at a time, so no rank ever holds more than one layer's full
+weights. With GPUs present each rank takes ``cuda:<LOCAL_RANK>`` and the ``nccl``
+backend (that path has not been run on a GPU here).
 """
 
 import argparse
@@ -37,16 +39,20 @@ if cuda:
 torch.manual_seed(0)  # the same base weights on every rank
 model, _, example = zoo.llama(layers=2, hidden=64, intermediate=128, vocab=128)
 model.to(device)
-gm = ol.transform(model, "all-linear", example_kwargs={k: v.to(device) for k, v in example.items()})
+example = {k: v.to(device) for k, v in example.items()}
 vocab = model.config.vocab_size
 
 sent = []  # elements each DDP all-reduce carries
 if args.fsdp:
-    # Shard the whole graph as one unit: a captured graph reads its weights with get_attr
-    # and never calls its submodules, so per-layer fully_shard hooks would never run.
+    # The module form runs the model's own layers, so each can be its own FSDP2 unit:
+    # a layer's weights are gathered just for its forward and backward.
+    gm = ol.transform(model, "all-linear", capture="module", example_kwargs=example)
+    for layer in gm.model.layers:
+        fully_shard(layer)
     fully_shard(gm)
     net = gm
 else:
+    gm = ol.transform(model, "all-linear", example_kwargs=example)
     net = DistributedDataParallel(gm)
 
     def counting_allreduce(state, bucket):

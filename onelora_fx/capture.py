@@ -26,7 +26,7 @@ from torch.export import Dim
 from . import modes
 from .compat import export_specs, is_view, pytree
 
-__all__ = ["Capture", "CaptureError", "Traced", "trace", "auto_dynamic_shapes", "first_line"]
+__all__ = ["Capture", "CaptureError", "Traced", "trace", "auto_dynamic_shapes", "first_line", "SharedView"]
 
 log = logging.getLogger(__name__)
 
@@ -159,11 +159,40 @@ def _trace_fx(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> Tra
     return Traced(fx.GraphModule(tracer.root, graph, name), Capture.FX)
 
 
+class SharedView(nn.Module):
+    """A plain module over another module's own containers (the same parameters,
+    buffers and submodules under the same names) with a forward of its own: what
+    ``torch.export`` is given when the module itself does not fit it."""
+
+    def __init__(self, module: nn.Module, forward: Callable[..., Any], signature: Optional[inspect.Signature]):
+        super().__init__()
+        for name in ("_parameters", "_buffers", "_modules"):
+            self.__dict__[name] = module.__dict__[name]
+        self.training = module.training
+        if signature is not None:  # export binds dynamic shapes to these names
+            forward.__signature__ = signature
+        self.__dict__["forward"] = forward
+
+
+def _exportable(model: nn.Module, kwargs: dict) -> nn.Module:
+    """``model``, or a view of it whose signature names the keywords a call passes
+    through ``**kwargs`` (torch.export cannot give those dynamic shapes)."""
+    signature = inspect.signature(model.forward)
+    params = list(signature.parameters.values())
+    var = next((p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    extra = [k for k in kwargs if k not in signature.parameters]
+    if var is None or not extra:
+        return model
+    named = [p for p in params if p is not var] + [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in extra]
+    return SharedView(model, lambda *a, **k: model(*a, **k), signature.replace(parameters=named))
+
+
 def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> Traced:
-    shapes = auto_dynamic_shapes(model, args, kwargs) if dynamic else None
+    target = _exportable(model, kwargs)
+    shapes = auto_dynamic_shapes(target, args, kwargs) if dynamic else None
     with warnings.catch_warnings():  # torch warns about every size-1 dim it specializes
         warnings.filterwarnings("ignore", message=".*specialized.*")
-        ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+        ep = torch.export.export(target, args, kwargs, dynamic_shapes=shapes, strict=False)
     exported = ep.module()
     in_spec, out_spec = export_specs(exported.graph)
     # A plain GraphModule over the same graph: torch's .module() disables train/eval.

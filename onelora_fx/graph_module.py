@@ -29,7 +29,7 @@ from torch import fx, nn
 
 from . import ops
 from .calls import CallGraph, Signature
-from .capture import Capture, CaptureError, Traced, first_line, trace
+from .capture import Capture, CaptureError, SharedView, Traced, first_line, trace
 from .compat import GUARDS_PREFIX, pytree, route_forward, set_flat_codegen
 from .copying import copy_module_tree
 from .materialize import non_persistent_buffers, rebuild_buffers, zero_vectors
@@ -155,7 +155,10 @@ class CapturedModule(fx.GraphModule):
         """This module as a plain ``nn.Module`` (same containers, same names, called the
         same way): what ``torch.export`` must be given, because it runs any GraphModule's
         graph directly with the call's values in order, bypassing the call handling."""
-        return _PlainView(self)
+        signature = getattr(type(self).forward, "__signature__", None)
+        if signature is not None:
+            signature = signature.replace(parameters=list(signature.parameters.values())[1:])  # no self
+        return SharedView(self, lambda *args, **kwargs: self._call(args, kwargs), signature)
 
     # ------------------------------------------------------------------ calls
 
@@ -285,25 +288,6 @@ class CapturedModule(fx.GraphModule):
             ) from e
         graph = self._adopt(traced)
         return graph, CallGraph.of(args, kwargs, traced.in_spec, traced.out_spec)
-
-
-class _PlainView(nn.Module):
-    """A plain module over a CapturedModule's own containers (see ``as_plain_module``)."""
-
-    def __init__(self, captured: CapturedModule):
-        super().__init__()
-        self.__dict__["_captured"] = captured
-        for name in ("_parameters", "_buffers", "_modules"):
-            self.__dict__[name] = captured.__dict__[name]
-        self.training = captured.training
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            return captured._call(args, kwargs)
-
-        signature = getattr(type(captured).forward, "__signature__", None)
-        if signature is not None:  # export binds dynamic shapes to the model's arguments
-            forward.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])
-        self.__dict__["forward"] = forward
 
 
 def why(e: CaptureError) -> str:

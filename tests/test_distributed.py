@@ -4,6 +4,8 @@ Each rank takes half of one fixed global batch; after a few SGD steps the ``b`` 
 must equal those of a single-process run on the whole batch (the loss is a mean over
 equal shards and DDP / FSDP2 average gradients over ranks, so both follow the gradient
 of the global mean), and the frozen base weights must not have moved by a single bit.
+Three setups: DDP on the graph form, FSDP2 on the graph form as one unit, and FSDP2
+layer by layer on the module form (how a model too big for one device is trained).
 """
 
 from __future__ import annotations
@@ -93,6 +95,18 @@ def _worker(rank: int, store: str, out: str) -> None:
     fully_shard(to_shard)  # the whole graph as one unit (see examples/ddp_finetune.py)
     _train(to_shard, local, ol.adapter_parameters(to_shard).values())
     result["fsdp"], result["fsdp_base"] = _adapters(to_shard), _base(to_shard)
+
+    # The module form, sharded layer by layer and then as a whole (no rank ever holds
+    # more than one layer's unsharded weights outside its forward)
+    layered = ol.transform(model, "all-linear", capture="module", example_kwargs=example)
+    result["layered_base_before"] = _base(layered)
+    for layer in layered.model.layers:
+        fully_shard(layer)
+    fully_shard(layered)
+    _train(layered, local, ol.adapter_parameters(layered).values())
+    result["layered"], result["layered_base"] = _adapters(layered), _base(layered)
+    result["layered_dtensors"] = sum(type(p).__name__ == "DTensor" for p in layered.model.layers[0].parameters())
+    result["model_after"] = {n: p.detach().clone() for n, p in model.named_parameters()}
     result["model_after"] = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
@@ -122,7 +136,7 @@ def test_reference_is_not_trivial(ranks):
     assert all(b.abs().max() > 500 * atol for b in single.values()), "b barely moved: the comparisons would be vacuous"
 
 
-@pytest.mark.parametrize("how", ["ddp", "fsdp"])
+@pytest.mark.parametrize("how", ["ddp", "fsdp", "layered"])
 def test_two_ranks_train_what_one_process_trains(ranks, how):
     single = ranks[0]["single"]
     for rank, r in enumerate(ranks):
@@ -133,8 +147,13 @@ def test_two_ranks_train_what_one_process_trains(ranks, how):
         assert torch.equal(ranks[0][how][name], ranks[1][how][name]), f"ranks disagree on {name}"
 
 
-@pytest.mark.parametrize("how", ["ddp", "fsdp"])
+@pytest.mark.parametrize("how", ["ddp", "fsdp", "layered"])
 def test_base_weights_are_bit_identical_on_every_rank(ranks, how):
     for r in ranks:
-        _assert_bit_identical(r[f"{how}_base"], r["base_before"])
+        _assert_bit_identical(r[f"{how}_base"], r["layered_base_before" if how == "layered" else "base_before"])
         _assert_bit_identical(r["model_after"], r["model_before"])
+
+
+def test_layer_by_layer_sharding_shards_each_layer(ranks):
+    # every parameter of a decoder layer (its weights and its b vectors) is a sharded DTensor
+    assert all(r["layered_dtensors"] == 9 + 7 for r in ranks)
