@@ -23,6 +23,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .materialize import settle
 from .query import adapted_sites, adapter_parameters
 from .state import get_state
 
@@ -153,4 +154,5 @@ def load_adapter(module: nn.Module, path: str | os.PathLike) -> nn.Module:
     with torch.no_grad():
         for name, p in targets.items():
             p.copy_(tensors[name].to(p.device))
+    settle(module, targets)  # loaded vectors are set, whatever meta left them
     return module

@@ -32,10 +32,11 @@ from .calls import CallGraph, Signature
 from .capture import Capture, CaptureError, SharedView, Traced, first_line, trace
 from .compat import GUARDS_PREFIX, pytree, route_forward, set_flat_codegen
 from .copying import copy_module_tree
-from .materialize import non_persistent_buffers, rebuild_buffers, zero_vectors
+from .materialize import after_move
 from .modes import follow_train_eval
 from .rewrite import adapt_like
 from .sites import join, resolve_attr
+from .state import get_state
 
 __all__ = ["CapturedModule", "Source", "MoveError"]
 
@@ -245,8 +246,6 @@ class CapturedModule(fx.GraphModule):
         recaptured = None
         if dtypes and source is not None and source.method is Capture.EXPORT:
             recaptured = self._recapture(dtypes)
-        vectors = [b for b in _vectors(self) if b.device.type == "meta"]
-        buffers = [n for n, (m, leaf) in non_persistent_buffers(self).items() if m._buffers[leaf].device.type == "meta"]
         result = super()._apply(fn, recurse)
         if recaptured is not None:
             graph, primary = recaptured
@@ -264,10 +263,9 @@ class CapturedModule(fx.GraphModule):
                 call.forward = _compile(self, call.graph)
                 more.append(call)
             self.__dict__[_MORE] = tuple(more)
-        moved = [b for b in vectors if b.device.type != "meta"]
-        zero_vectors(moved)
-        if source is not None and buffers:
-            rebuild_buffers(self, source.model, [n for n in buffers if resolve_attr(self, n).device.type != "meta"])
+        if devices:  # what went to meta lost its values, what left it gets them
+            state = get_state(self)
+            after_move(self, state.vectors if state else (), state.model if state else source.model if source else None)
         return result
 
     def _recapture(self, dtypes: dict[torch.dtype, torch.dtype]) -> tuple[fx.Graph, CallGraph]:
@@ -345,19 +343,6 @@ def _free_name(root: nn.Module, stem: str) -> str:
     while hasattr(root, f"{stem}_{i}"):
         i += 1
     return f"{stem}_{i}"
-
-
-def _vectors(root: CapturedModule) -> list[torch.Tensor]:
-    """The 1LoRA vectors the graph reads (from its adapted nodes)."""
-    out: dict[int, torch.Tensor] = {}
-    for node in root.graph.nodes:
-        if node.op == "call_function" and node.target in (ops.linear, ops.expert_term):
-            b = node.args[3]
-            if isinstance(b, fx.Node) and b.op == "get_attr":
-                value = resolve_attr(root, b.target)
-                if isinstance(value, torch.Tensor):
-                    out[id(value)] = value
-    return list(out.values())
 
 
 def _probe(root: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict[tuple, tuple]:

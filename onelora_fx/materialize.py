@@ -23,7 +23,11 @@ from torch import nn
 from .copying import copy_module_tree
 from .sites import join
 
-__all__ = ["zero_vectors", "rebuild_buffers", "non_persistent_buffers"]
+__all__ = ["zero_vectors", "rebuild_buffers", "non_persistent_buffers", "note_unset", "settle", "fill_unset", "UNSET"]
+
+#: names (vectors, non-persistent buffers) that hold no values yet: they were made on
+#: the meta device. Kept in the module's ``__dict__``, copy-on-write (copies share it).
+UNSET = "_onelora_unset"
 
 
 def zero_vectors(vectors: Iterable[torch.Tensor]) -> None:
@@ -101,3 +105,41 @@ def rebuild_buffers(root: nn.Module, model: nn.Module, names: Iterable[str]) -> 
             stacklevel=3,
         )
     return left
+
+
+def note_unset(root: nn.Module, vectors: Iterable[str]) -> None:
+    """Remember which of ``vectors`` and of the non-persistent buffers are on meta
+    (their values are gone: a move back to memory must fill them)."""
+    params = dict(root.named_parameters(remove_duplicate=False))
+    unset = [n for n in vectors if n in params and params[n].device.type == "meta"]
+    unset += [n for n, (m, leaf) in non_persistent_buffers(root).items() if m._buffers[leaf].device.type == "meta"]
+    root.__dict__[UNSET] = frozenset(unset) | root.__dict__.get(UNSET, frozenset())
+
+
+def after_move(root: nn.Module, vectors: Iterable[str], model: nn.Module | None) -> None:
+    """After ``to`` / ``to_empty``: what went to meta lost its values; what left it
+    since is filled (vectors zeroed, buffers rebuilt)."""
+    note_unset(root, vectors)
+    fill_unset(root, model)
+
+
+def settle(root: nn.Module, names: Iterable[str]) -> None:
+    """Those names hold real values now."""
+    unset = root.__dict__.get(UNSET)
+    if unset:
+        root.__dict__[UNSET] = frozenset(unset - set(names))
+
+
+def fill_unset(root: nn.Module, model: nn.Module | None) -> None:
+    """Zero the vectors and rebuild the buffers that left the meta device since."""
+    unset = root.__dict__.get(UNSET)
+    if not unset:
+        return
+    params = dict(root.named_parameters(remove_duplicate=False))
+    vectors = [n for n in unset if n in params and params[n].device.type != "meta"]
+    zero_vectors(params[n] for n in vectors)
+    held = non_persistent_buffers(root)
+    buffers = [n for n in unset if n in held and held[n][0]._buffers[held[n][1]].device.type != "meta"]
+    if buffers and model is not None:
+        rebuild_buffers(root, model, buffers)
+    settle(root, [*vectors, *buffers])

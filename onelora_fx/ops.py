@@ -138,7 +138,9 @@ _linear_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
 
 
 def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:

@@ -47,6 +47,8 @@ class AdapterState:
     model: Optional[Any] = None
     #: every site of the model, as found at transform (the module form's record)
     sites: tuple = ()
+    #: the names of the 1LoRA vectors
+    vectors: tuple[str, ...] = ()
 
     def __deepcopy__(self, memo: dict) -> "AdapterState":
         # the model and the originals are the model's: a copy of the adapted module

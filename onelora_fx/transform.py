@@ -19,6 +19,7 @@ from torch import nn
 from .capture import Capture, CaptureError, first_line, why_export_failed
 from .coverage import warn_unadapted
 from .forms import Captured, GraphForm, ModuleForm, form_of
+from .loading import install as install_load_hook
 from .norms import NEAR_UNIFORM_CV
 from .patterns import Pattern, compile_pattern, describe, select
 from .query import adapted_sites, is_adapted
@@ -237,7 +238,8 @@ def transform(
     originals = _train_copies(root, extra_names)
     sites_record = tuple(chosen) if captured.method is Capture.MODULE else ()
     set_state(root, AdapterState(describe(pattern), captured.method.value, extras, originals, captured.buffers,
-                                 model, sites_record))
+                                 model, sites_record, tuple(vectors)))
+    install_load_hook(root)
     log.info("adapted %d sites (%d vectors, %d trainable parameters) in %.2fs", sum(s.selected for s in chosen),
              len(vectors), sum(p.numel() for p in root.parameters() if p.requires_grad), time.perf_counter() - start)
     return root

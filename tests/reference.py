@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
+
+#: every device numerical tests run on: the CPU always, CUDA where there is one
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")),
+]
 
 
 class ILoRA(nn.Module):

@@ -24,10 +24,13 @@ from torch.overrides import TorchFunctionMode
 
 from .. import ops
 from ..compat import pytree
+from ..materialize import after_move
 from ..linear_ops import Kind, read_call, unwrap_transpose
 from ..sites import ADAPTER_SUFFIX, adapter_name_for
+from ..state import get_state
 
-__all__ = ["SiteCall", "SiteError", "adapt_layer", "adapt_caller", "restore", "is_adapted_layer", "calls_of", "SiteMode"]
+__all__ = ["SiteCall", "SiteError", "adapt_layer", "adapt_caller", "adapt_root", "restore", "is_adapted_layer", "calls_of",
+           "SiteMode"]
 
 
 class SiteError(RuntimeError):
@@ -47,9 +50,17 @@ class SiteCall:
 
 
 class _OneLoRA:
-    """Marks the subclasses this module makes."""
+    """Marks the subclasses this module makes. On the adapted root (which holds the
+    adapter state), a move also fills what the meta device emptied."""
 
     _onelora_base: type
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        result = super()._apply(fn, recurse)  # type: ignore[misc]
+        state = get_state(self)  # type: ignore[arg-type]
+        if state is not None:
+            after_move(self, state.vectors, state.model)  # type: ignore[arg-type]
+        return result
 
 
 def _layer_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -73,16 +84,23 @@ def _reduce_ex(self: nn.Module, protocol: int) -> Any:
 _CLASSES: dict[tuple[type, str], type] = {}
 
 
+_FORWARDS = {"caller": _caller_forward, "layer": _layer_forward}
+
+
 def _subclass(base: type, kind: str) -> type:
     if (base, kind) not in _CLASSES:
-        forward = _caller_forward if kind == "caller" else _layer_forward
-        _CLASSES[(base, kind)] = type(
-            base.__name__,
-            (base, _OneLoRA),
-            {"forward": forward, "_onelora_base": base, "_onelora_kind": kind, "__reduce_ex__": _reduce_ex,
-             "__module__": base.__module__, "__qualname__": base.__qualname__},
-        )
+        body = {"_onelora_base": base, "_onelora_kind": kind, "__reduce_ex__": _reduce_ex,
+                "__module__": base.__module__, "__qualname__": base.__qualname__}
+        if kind in _FORWARDS:  # "root" keeps the model's forward
+            body["forward"] = _FORWARDS[kind]
+        _CLASSES[(base, kind)] = type(base.__name__, (_OneLoRA, base), body)
     return _CLASSES[(base, kind)]
+
+
+def adapt_root(m: nn.Module) -> None:
+    """The module form's root: the model's class, moves fill what meta emptied."""
+    if not isinstance(m, _OneLoRA):
+        m.__class__ = _subclass(type(m), "root")
 
 
 def is_adapted_layer(m: nn.Module) -> bool:
@@ -107,7 +125,7 @@ def calls_of(m: nn.Module) -> tuple[SiteCall, ...]:
 
 
 def restore(m: nn.Module) -> None:
-    """Undo :func:`adapt_layer` / :func:`adapt_caller` (used by merge)."""
+    """Undo :func:`adapt_layer` / :func:`adapt_caller` / :func:`adapt_root` (used by merge)."""
     if isinstance(m, _OneLoRA):
         m.__class__ = m._onelora_base
         m.__dict__.pop("_onelora_calls", None)

@@ -28,7 +28,7 @@ from ..rewrite import AlreadyAdaptedError
 from ..sites import ADAPTER_SUFFIX, Layout, LinearSite, adapter_name_for, find_sites, join
 from ..state import get_state
 from .base import Captured, Form, Plan, own_buffers
-from .layers import SiteCall, adapt_caller, adapt_layer, calls_of, is_adapted_layer, restore
+from .layers import SiteCall, adapt_caller, adapt_layer, adapt_root, calls_of, is_adapted_layer, restore
 
 __all__ = ["ModuleForm", "module_sites"]
 
@@ -180,6 +180,7 @@ class ModuleForm(Form):
                 continue
             for caller in callers:
                 adapt_caller(root.get_submodule(caller) if caller else root, (SiteCall(_relative(s.owner, caller), s.attr),))
+        adapt_root(root)
         return vectors
 
     def plan(self, root: nn.Module, groups: dict[str, list[LinearSite]]) -> list[Plan]:
@@ -199,16 +200,8 @@ class ModuleForm(Form):
             else:
                 fold_into(s.weight, b, s.layout)
             del owner._parameters[leaf]
-        for m in root.modules():
-            if is_adapted_layer(m) and not any(
-                k.endswith(ADAPTER_SUFFIX) for k in m._parameters
-            ) and all(_still_adapted(root, m, c) is False for c in calls_of(m)):
-                restore(m)
+        for m in root.modules():  # merge folds every vector: every class goes back
+            restore(m)
 
     def copy(self, root: nn.Module) -> nn.Module:
         return copy_module_tree(root)
-
-
-def _still_adapted(root: nn.Module, caller: nn.Module, call: SiteCall) -> bool:
-    owner = caller.get_submodule(call.owner) if call.owner else caller
-    return isinstance(getattr(owner, call.vector.rpartition(".")[2], None), nn.Parameter)

@@ -1,0 +1,220 @@
+"""The real training loop: mixed precision, device and dtype moves, big models built on
+``meta`` and materialized, on every device present (the CPU always, CUDA where there is
+one)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import onelora_fx as ol
+from handwritten import MLP
+from reference import DEVICES, first_tensor, listing1_copy, randomize_adapters, tolerance
+
+transformers = pytest.importorskip("transformers")
+from onelora_fx import zoo  # noqa: E402
+
+BF16 = tolerance(torch.bfloat16)
+
+
+def build(name: str, device: str):
+    model, args, kwargs = zoo.build(name)
+    model.to(device).eval()
+    kwargs = {k: v.to(device) for k, v in kwargs.items()}
+    return model, kwargs
+
+
+def adapt(model, kwargs, capture="auto"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ol.transform(model, "all-linear", example_kwargs=kwargs, capture=capture)
+
+
+def autocast(device: str):
+    return torch.autocast(device, dtype=torch.bfloat16)
+
+
+def close_bf16(actual, expected):
+    scale = max(1.0, expected.float().abs().max().item())
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=BF16["rtol"], atol=BF16["atol"] * scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["llama-tiny", "vit-tiny"])
+@pytest.mark.parametrize("capture", ["auto", "module"])
+def test_autocast_matches_the_base_model_under_autocast_and_trains(device, name, capture):
+    model, kwargs = build(name, device)
+    gm = adapt(model, kwargs, capture)
+    bs = randomize_adapters(gm, 1, scale=0.05)
+    reference = listing1_copy(model, bs).eval()
+    gm.eval()
+    with autocast(device):
+        out, expected = first_tensor(gm(**kwargs)), first_tensor(reference(**kwargs))
+    assert out.dtype == expected.dtype == torch.bfloat16
+    close_bf16(out, expected)
+    vectors = ol.adapter_parameters(gm)
+    opt = torch.optim.AdamW(vectors.values(), lr=1e-2)
+    gm.train()
+    losses = []
+    for _ in range(5):
+        with autocast(device):
+            loss = first_tensor(gm(**kwargs)).float().square().mean()
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad.dtype == p.dtype == torch.float32 for p in vectors.values()), "fp32 master vectors"
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_through_the_compile_backend(device):
+    model, kwargs = build("llama-tiny", device)
+    gm = adapt(model, kwargs)
+    bs = randomize_adapters(gm, 2, scale=0.05)
+    reference = listing1_copy(model, bs).eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(gm.train(), backend="onelora", fullgraph=True)
+    with autocast(device):
+        out = compiled(**kwargs).logits
+        expected = reference.train()(**kwargs).logits
+    assert out.dtype == torch.bfloat16
+    close_bf16(out, expected)
+    out.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in ol.adapter_parameters(gm).values())
+    torch._dynamo.reset()
+
+
+def test_autocast_on_the_op_casts_like_f_linear():
+    from onelora_fx import ops
+
+    x, w, bias = torch.randn(4, 8), torch.randn(6, 8), torch.randn(6)
+    b = torch.randn(6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.linear(x, w, bias, b)
+        base = F.linear(x, w, bias)
+    assert y.dtype == base.dtype == torch.bfloat16
+    expected = base.float() + (b.detach().bfloat16() * x.bfloat16().sum(-1, keepdim=True)).float()
+    close_bf16(y, expected)
+    y.float().sum().backward()
+    assert b.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("capture", ["export", "fx", "module"])
+def test_dtype_moves_compute_what_the_moved_model_computes(capture):
+    torch.manual_seed(0)
+    if capture == "fx":
+        model, kwargs = MLP().eval(), {"x": torch.randn(3, 8)}
+    else:
+        model, kwargs = build("llama-tiny", "cpu")
+    gm = adapt(model, kwargs, capture)
+    bs = randomize_adapters(gm, 3, scale=0.05)
+    pristine = copy.deepcopy(model)
+    gm.to(torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in gm.parameters())
+    kwargs = {k: v.bfloat16() if v.is_floating_point() else v for k, v in kwargs.items()}  # as the moved model takes them
+    reference = listing1_copy(copy.deepcopy(pristine).to(torch.bfloat16), {k: v.bfloat16() for k, v in bs.items()}).eval()
+    out = first_tensor(gm.eval()(**kwargs))
+    assert out.dtype == torch.bfloat16
+    close_bf16(out, first_tensor(reference(**kwargs)))
+    merged = ol.merge(gm)
+    assert all(p.dtype == torch.bfloat16 for p in merged.parameters())
+    ep = ol.export(gm, example_kwargs=kwargs)
+    assert {v.dtype for v in ep.state_dict.values() if v.is_floating_point()} == {torch.bfloat16}
+    close_bf16(first_tensor(ep.module()(**kwargs)), first_tensor(reference(**kwargs)))
+    gm.float()
+    kwargs = {k: v.float() if v.is_floating_point() else v for k, v in kwargs.items()}
+    tol = tolerance(torch.float32)
+    back = listing1_copy(copy.deepcopy(pristine).to(torch.bfloat16).float(), {k: v.bfloat16().float() for k, v in bs.items()})
+    torch.testing.assert_close(first_tensor(gm(**kwargs)), first_tensor(back.eval()(**kwargs)), rtol=tol["rtol"], atol=tol["atol"])
+
+
+def test_a_dtype_move_that_cannot_be_captured_changes_nothing(monkeypatch):
+    model, kwargs = build("llama-tiny", "cpu")
+    gm = adapt(model, kwargs)
+    from onelora_fx import graph_module
+
+    def fail(*args, **kw):
+        raise ol.CaptureError("no graph capture works for LlamaForCausalLM", {"export": RuntimeError("boom")})
+
+    monkeypatch.setattr(graph_module, "trace", fail)
+    with pytest.raises(ol.MoveError, match=r"cannot move LlamaForCausalLM \(torch.float32 -> torch.bfloat16\).*Nothing was changed.*ol.transform\(model.to\(dtype\)"):
+        gm.to(torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in gm.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("capture", ["export", "module"])
+def test_meta_and_back(capture):
+    model, kwargs = build("llama-tiny", "cpu")
+    gm = adapt(model, kwargs, capture)
+    randomize_adapters(gm, 4)
+    expected = gm.eval()(**kwargs).logits.detach()
+    adapter = {k: v.detach().clone() for k, v in ol.adapter_parameters(gm).items()}
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    gm.to("meta")
+    assert all(p.device.type == "meta" for p in gm.parameters())
+    if capture == "export":  # a graph runs on meta (shapes only); the model's eager code may not
+        out = gm(**{k: v.to("meta") for k, v in kwargs.items()}).logits
+        assert out.device.type == "meta" and out.shape == expected.shape
+    gm.to_empty(device="cpu")
+    gm.load_state_dict(base, strict=True)  # the base checkpoint: vectors are not "missing"
+    assert all(torch.count_nonzero(b) == 0 for b in ol.adapter_parameters(gm).values()), "vectors are zero, not garbage"
+    with torch.no_grad():
+        for k, v in ol.adapter_parameters(gm).items():
+            v.copy_(adapter[k])
+    torch.testing.assert_close(gm(**kwargs).logits, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("capture", ["auto", "module"])
+def test_build_on_meta_then_materialize(capture, tmp_path):
+    """The big-model flow: adapt a model built on meta, give it memory, load its checkpoint."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=64, use_cache=False)
+    real = transformers.LlamaForCausalLM(cfg).eval()
+    real.save_pretrained(tmp_path)  # a safetensors checkpoint, as shards arrive
+    with torch.device("meta"):
+        meta_model = transformers.LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 64, (2, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = ol.transform(meta_model, capture=capture, example_kwargs={"input_ids": ids.to("meta")}, train=("norm",))
+    gm.to_empty(device="cpu")
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "model.safetensors"))
+    head = state.pop("lm_head.weight")  # a base key left out is reported missing, as usual
+    state["not.in.the.model"] = head
+    result = gm.load_state_dict(state, strict=False)
+    assert result.missing_keys == ["lm_head.weight"] and result.unexpected_keys == ["not.in.the.model"]
+    gm.load_state_dict({"lm_head.weight": head}, strict=False)
+    gm.eval()
+    assert torch.equal(gm(input_ids=ids).logits, real(input_ids=ids).logits), "b = 0: exactly the real model"
+    reference = listing1_copy(real, randomize_adapters(gm, 5))
+    tol = tolerance(torch.float32)
+    torch.testing.assert_close(gm(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=tol["rtol"], atol=tol["atol"])
+    norm = "model.norm.weight"
+    assert gm.get_parameter(norm).requires_grad and torch.equal(gm.get_parameter(norm), real.get_parameter(norm))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_numerics_op_merge_export_adapter(device, tmp_path):
+    """What every device must get right: zero b exact, Listing 1, merge, export, files."""
+    model, kwargs = build("llama-tiny", device)
+    gm = adapt(model, kwargs)
+    assert torch.equal(gm.eval()(**kwargs).logits, model(**kwargs).logits)
+    reference = listing1_copy(model, randomize_adapters(gm, 6))
+    tol = tolerance(torch.float32)
+    expected = reference(**kwargs).logits
+    torch.testing.assert_close(gm(**kwargs).logits, expected, rtol=tol["rtol"], atol=tol["atol"])
+    torch.testing.assert_close(ol.merge(gm)(**kwargs).logits, expected, rtol=tol["rtol"], atol=tol["atol"])
+    ep = ol.export(gm, example_kwargs=kwargs, path=tmp_path / "m.pt2")
+    torch.testing.assert_close(ep.module()(**kwargs).logits, expected, rtol=tol["rtol"], atol=tol["atol"])
+    fresh = adapt(model, kwargs)
+    ol.load_adapter(fresh, ol.save_adapter(gm, tmp_path / "a.safetensors"))
+    assert torch.equal(fresh.eval()(**kwargs).logits, gm(**kwargs).logits)
