@@ -2,7 +2,8 @@
 
 ``torch.export`` bakes a call's shape into its graph: which keywords were passed, which
 were ``None``, the values of flags (``output_hidden_states=True``), each tensor's rank
-and dtype, and dimensions that were 1 in the example (export specializes those). A
+and dtype, and dimensions that were 1 in the example (export specializes those; with
+``dynamic=False``, every dimension). A
 call that differs in any of these needs a graph of its own. A :class:`Signature` reads
 a call into a canonical form (every argument by name, in the order of the model's
 ``forward``, ``None`` defaults left out) and a key; :class:`CallGraph` is one captured
@@ -19,7 +20,7 @@ import torch
 
 from .compat import pytree
 
-__all__ = ["Signature", "CallGraph", "describe_leaf", "static_ones"]
+__all__ = ["Signature", "CallGraph", "describe_leaf", "static_dims"]
 
 Leaf = Any
 
@@ -35,10 +36,14 @@ def describe_leaf(leaf: Leaf) -> tuple:
         return ("value", repr(leaf))
 
 
-def static_ones(leaves: list[Leaf]) -> frozenset[tuple[int, int]]:
-    """``(leaf, dim)`` of every dimension of size 1: export specializes them."""
+def static_dims(leaves: list[Leaf], dynamic: bool) -> frozenset[tuple[int, int, int]]:
+    """``(leaf, dim, size)`` of every dimension a graph captured from ``leaves`` is
+    specialized to: those of size 1 (export always specializes them), or all of them
+    when the capture is not dynamic."""
     return frozenset(
-        (i, d) for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor) for d in range(leaf.dim()) if leaf.shape[d] == 1
+        (i, d, int(leaf.shape[d]))
+        for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)
+        for d in range(leaf.dim()) if not dynamic or leaf.shape[d] == 1
     )
 
 
@@ -102,23 +107,23 @@ class CallGraph:
     in_spec: Any
     out_spec: Any
     leaves: tuple  # describe_leaf of each input leaf
-    ones: frozenset  # static_ones of the example
+    static: frozenset  # static_dims of the example
     example: Any  # the example (args, kwargs) as meta tensors, to capture it again
     graph: Any = None  # the fx.Graph (None for the primary: it is the module's own graph)
     forward: Optional[Callable[..., Any]] = field(default=None, repr=False)
 
     @staticmethod
-    def of(args: tuple, kwargs: dict, in_spec: Any, out_spec: Any, **rest: Any) -> "CallGraph":
+    def of(args: tuple, kwargs: dict, in_spec: Any, out_spec: Any, dynamic: bool, **rest: Any) -> "CallGraph":
         leaves = pytree.tree_leaves((args, kwargs))
         example = pytree.tree_map_only(torch.Tensor, lambda t: torch.empty_like(t, device="meta"), (args, kwargs))
-        return CallGraph(in_spec, out_spec, tuple(describe_leaf(v) for v in leaves), static_ones(leaves), example, **rest)
+        return CallGraph(in_spec, out_spec, tuple(describe_leaf(v) for v in leaves), static_dims(leaves, dynamic), example, **rest)
 
     def accepts(self, spec: Any, leaves: list[Leaf]) -> bool:
         if spec != self.in_spec or len(leaves) != len(self.leaves):
             return False
         if any(describe_leaf(v) != d for v, d in zip(leaves, self.leaves)):
             return False
-        return all(leaves[i].shape[d] == 1 for i, d in self.ones)
+        return all(leaves[i].shape[d] == size for i, d, size in self.static)
 
     def unflatten(self, out: Any) -> Any:
         if self.out_spec is None:

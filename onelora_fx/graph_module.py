@@ -123,7 +123,7 @@ class CapturedModule(fx.GraphModule):
         _keep_non_persistent(model, root)
         root.meta[_SOURCE] = Source(model, traced.method, dynamic)
         if traced.method is Capture.EXPORT:
-            root.meta[_PRIMARY] = CallGraph.of(traced.args, traced.kwargs or {}, traced.in_spec, traced.out_spec)
+            root.meta[_PRIMARY] = CallGraph.of(traced.args, traced.kwargs or {}, traced.in_spec, traced.out_spec, dynamic)
             set_flat_codegen(root.graph)
         follow_train_eval(root, root.graph)
         root.graph.eliminate_dead_code()
@@ -191,7 +191,8 @@ class CapturedModule(fx.GraphModule):
                 e.reasons,
             ) from e
         graph = self._adopt(traced)
-        call = CallGraph.of(args, kwargs, traced.in_spec, traced.out_spec, graph=graph, forward=_compile(self, graph))
+        call = CallGraph.of(args, kwargs, traced.in_spec, traced.out_spec, source.dynamic, graph=graph,
+                            forward=_compile(self, graph))
         self.__dict__[_MORE] = (*self.__dict__.get(_MORE, ()), call)
         return call
 
@@ -285,7 +286,7 @@ class CapturedModule(fx.GraphModule):
                 "transform it: ol.transform(model.to(dtype), ...)."
             ) from e
         graph = self._adopt(traced)
-        return graph, CallGraph.of(args, kwargs, traced.in_spec, traced.out_spec)
+        return graph, CallGraph.of(args, kwargs, traced.in_spec, traced.out_spec, self.source.dynamic)
 
 
 def why(e: CaptureError) -> str:

@@ -225,7 +225,8 @@ def transform(
         )
     warn_unadapted(model, captured.unadapted, stacklevel=2)
     chosen = select(found, pattern, exclude)
-    _warn_uniform_norms(chosen)
+    if Extra.NORM not in extras:  # trained norms stop being uniform
+        _warn_uniform_norms(chosen)
     extra_names = _extra_names(root, model, chosen, extras)
 
     # Everything is checked: mutate.

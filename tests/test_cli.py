@@ -61,8 +61,40 @@ def test_quick_demo(tmp_path):
     results = demo.run(quick=True, out_dir=tmp_path)
     onelora = results["methods"]["1LoRA + head (onelora_fx)"]
     assert onelora["trainable"] < results["methods"]["full fine-tuning"]["trainable"] / 20
-    assert onelora["accuracy"] != pytest.approx(results["start_accuracy"], abs=0.02), "fine-tuning moved nothing"
+    # the negatives start near chance (10 classes); 30 quick steps must lift 1LoRA well above it
+    assert results["start_accuracy"] < 0.15 and onelora["accuracy"] > results["start_accuracy"] + 0.15
     assert results["reloaded_accuracy"] == onelora["accuracy"]
-    assert results["max_abs_diff"] < 1e-3
+    assert results["max_abs_diff"] < 1e-4  # the full demo printed 3.15e-05 (README); float32 noise is ~1e-6
     assert (tmp_path / "digits_negative.pt2").is_file() and results["adapter_bytes"] > 0
     assert results["llama_7b_adapter_values"] == 32 * (4 * 4096 + 2 * 11008 + 4096)
+
+
+MYMOD = """
+import torch
+from torch import nn
+
+
+def build():
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+"""
+
+
+def test_console_script_imports_from_the_current_directory(tmp_path):
+    (tmp_path / "mymod.py").write_text(MYMOD)
+    script = Path(sys.executable).with_name("onelora-fx")
+    if not script.exists():
+        pytest.skip("the onelora-fx console script is not installed (pip install -e .)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([str(script), "inspect", "mymod:build"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "selects 1 site: 8 trainable parameters" in r.stdout
+
+
+def test_exclude_that_removes_nothing_warns_and_names_are_left_aligned():
+    r = cli("inspect", "handwritten:MLP", "--exclude", "no_such_layer")
+    assert r.returncode == 0, r.stderr
+    assert "onelora-fx: warning: exclude=['no_such_layer'] removes nothing" in r.stderr or \
+        "onelora-fx: warning: exclude='no_such_layer' removes nothing" in r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith(("fc1", "fc2", "head"))]
+    assert [line.split()[0] for line in rows] == ["fc1", "fc2", "head"], "site names start each row (left-aligned)"
+    assert "selects 2 sites" in r.stdout

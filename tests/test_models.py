@@ -1,4 +1,5 @@
-"""DESIGN.md's invariants on tiny random-init configs of real model families."""
+"""The invariants (b = 0 exact, Listing 1 for random b, only b trains, the model never
+changes, train/eval follow the model) on tiny random-init configs of real model families."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from reference import first_tensor, listing1_copy, randomize_adapters, tolerance
 
 pytest.importorskip("transformers")
 
-# the output head each family has, found from the dataflow (DESIGN.md's rule)
+# the output head each family has, found from the dataflow (see onelora_fx.heads)
 HEADS = {
     "llama-tiny": {"lm_head"},
     "gpt2-tiny": {"lm_head"},

@@ -110,8 +110,13 @@ def test_no_linear_at_all():
 
 def test_failed_transform_leaves_the_model_untouched():
     model = Deep()
+    x = torch.randn(2, 8)
+    expected = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    children = dict(model.named_modules())
     with pytest.raises(ol.PatternError):
         ol.transform(model, "nothing-here")
-    assert all(p.requires_grad for p in model.parameters())
-    x = torch.randn(2, 8)
-    assert torch.equal(model(x), Deep.forward(model, x))
+    assert all(p.requires_grad for p in model.parameters()), "nothing frozen"
+    assert dict(model.named_modules()) == children and all(type(m) is type(children[n]) for n, m in model.named_modules())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and set(model.state_dict()) == set(state)
+    assert torch.equal(model(x), expected)
