@@ -20,6 +20,7 @@ from .patterns import PatternError
 from .query import adapted_sites, adapter_parameters, is_adapted
 from .rewrite import AlreadyAdaptedError
 from .sites import Layout, LinearSite
+from .stack import stack, unstack
 from .state import Extra
 from .summary import summary
 from .transform import sites, transform
@@ -37,6 +38,8 @@ __all__ = [
     "ExportError",
     "save_adapter",
     "load_adapter",
+    "stack",
+    "unstack",
     "AdapterFileError",
     "LinearSite",
     "Layout",

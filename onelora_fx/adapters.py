@@ -76,17 +76,32 @@ def write_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[s
     return path
 
 
-def save_adapter(module: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the trained tensors of an adapted module to ``path`` (safetensors).
+def _targets(module: nn.Module, index: Optional[int]) -> dict[str, torch.Tensor]:
+    """The trained tensors, or adapter ``index``'s rows of a stack (``ol.stack``)."""
+    state = get_state(module)
+    count = len(state.stack) if state is not None else 0
+    params = adapter_parameters(module)
+    if not count:
+        if index is not None:
+            raise ValueError("index= picks one adapter of a stack (ol.stack); this module holds one adapter")
+        return params
+    if index is None or not -count <= index < count:
+        raise ValueError(f"this module stacks {count} adapters ({', '.join(state.stack)}): pass index=0..{count - 1}")
+    return {name: p[index] for name, p in params.items()}
+
+
+def save_adapter(module: nn.Module, path: str | os.PathLike, *, index: Optional[int] = None) -> Path:
+    """Write the trained tensors of an adapted module to ``path`` (safetensors); for a
+    stack (``ol.stack``), those of adapter ``index``.
 
     Example:
         >>> ol.save_adapter(gm, "adapter.safetensors")      # doctest: +SKIP
 
     Raises:
         AdapterFileError: ``path`` is a directory, its folder is missing or not writable.
-        ValueError: the module carries no 1LoRA vectors.
+        ValueError: the module carries no 1LoRA vectors; ``index`` missing for a stack.
     """
-    tensors = {name: p.detach().contiguous().cpu() for name, p in adapter_parameters(module).items()}
+    tensors = {name: p.detach().contiguous().cpu() for name, p in _targets(module, index).items()}
     if not tensors:
         raise ValueError("the module carries no 1LoRA vectors: nothing to save (transform it first)")
     return write_tensors(tensors, Path(path), _metadata(module))
@@ -134,8 +149,9 @@ def check_fits(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor
         raise AdapterFileError(f"{where} does not fit this module{saved}:\n  " + "\n  ".join(problems))
 
 
-def load_adapter(module: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load trained tensors saved by :func:`save_adapter` into an adapted module.
+def load_adapter(module: nn.Module, path: str | os.PathLike, *, index: Optional[int] = None) -> nn.Module:
+    """Load trained tensors saved by :func:`save_adapter` into an adapted module (into
+    adapter ``index`` of a stack: adding an adapter to a stack changes data only).
 
     Everything is checked first (the file reads, its values are finite, names match
     exactly, shapes and dtypes agree); any mismatch raises :class:`AdapterFileError` and
@@ -147,7 +163,7 @@ def load_adapter(module: nn.Module, path: str | os.PathLike) -> nn.Module:
         >>> ol.load_adapter(gm, "adapter.safetensors")                  # doctest: +SKIP
     """
     tensors, meta = read_adapter(path)
-    targets = adapter_parameters(module)
+    targets = _targets(module, index)
     if not targets:
         raise AdapterFileError("the module carries no 1LoRA vectors: transform the base model first, then load")
     check_fits(targets, tensors, str(path), meta)

@@ -26,7 +26,7 @@ from torch.export import Dim
 from . import modes
 from .compat import export_specs, is_view, pytree
 
-__all__ = ["Capture", "CaptureError", "Traced", "trace", "auto_dynamic_shapes", "first_line", "SharedView"]
+__all__ = ["Capture", "CaptureError", "Traced", "trace", "auto_dynamic_shapes", "first_line", "SharedView", "exportable"]
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class SharedView(nn.Module):
         self.__dict__["forward"] = forward
 
 
-def _exportable(model: nn.Module, kwargs: dict) -> nn.Module:
+def exportable(model: nn.Module, kwargs: dict) -> nn.Module:
     """``model``, or a view of it whose signature names the keywords a call passes
     through ``**kwargs`` (torch.export cannot give those dynamic shapes)."""
     signature = inspect.signature(model.forward)
@@ -188,7 +188,7 @@ def _exportable(model: nn.Module, kwargs: dict) -> nn.Module:
 
 
 def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> Traced:
-    target = _exportable(model, kwargs)
+    target = exportable(model, kwargs)
     shapes = auto_dynamic_shapes(target, args, kwargs) if dynamic else None
     with warnings.catch_warnings():  # torch warns about every size-1 dim it specializes
         warnings.filterwarnings("ignore", message=".*specialized.*")

@@ -51,6 +51,7 @@ def _twin(module: nn.Module) -> nn.Module:
         if value is not None:
             twin.__dict__[name] = copy.copy(value)
     if isinstance(module, fx.GraphModule):
+        type(twin).__name__ = type(module).__name__  # the model's class name, as GraphModule gives it
         twin.meta = dict(module.meta)
         twin.graph = copy_graph(module.graph)  # sets owning_module and compiles forward
     return twin

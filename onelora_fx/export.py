@@ -12,9 +12,10 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from .capture import auto_dynamic_shapes, why_export_failed
+from .capture import auto_dynamic_shapes, exportable, why_export_failed
 from .merge import merge
 from .query import is_adapted
+from .state import get_state
 
 __all__ = ["export", "ExportError"]
 
@@ -35,7 +36,8 @@ def export(
 
     Every input dimension is exported as ``Dim.AUTO`` (``dynamic=True``): batch and
     sequence lengths other than the examples' work in the saved program. The program is
-    exported in eval mode (no dropout).
+    exported in eval mode (no dropout). A stack (``ol.stack``) is exported unmerged, with
+    ``adapter_ids`` (in ``example_kwargs``) as an input of the program.
 
     Example:
         >>> ep = ol.export(gm, example_kwargs={"input_ids": ids}, path="model.pt2")  # doctest: +SKIP
@@ -43,25 +45,28 @@ def export(
     """
     if not isinstance(gm, nn.Module):
         raise TypeError(f"export() takes a module, got {type(gm).__name__}")
-    deployed = merge(gm) if is_adapted(gm) else gm
+    state = get_state(gm)
+    stacked = state is not None and bool(state.stack)
+    # a stack is exported as it is, adapter_ids an input; one adapter is merged first
+    deployed = merge(gm) if is_adapted(gm) and not stacked else gm
     was_training = deployed.training
     deployed.eval()
     args = tuple(example_inputs or ())
     kwargs = dict(example_kwargs or {})
-    shapes = auto_dynamic_shapes(deployed, args, kwargs) if dynamic else None
     # torch.export runs a GraphModule's graph directly; a captured module's calls must
     # go through its own call handling, which its plain view keeps
     plain = getattr(deployed, "as_plain_module", None)
+    target = exportable(plain() if plain else deployed, kwargs)
+    shapes = auto_dynamic_shapes(target, args, kwargs) if dynamic else None
     try:
-        ep = torch.export.export(plain() if plain else deployed, args, kwargs, dynamic_shapes=shapes, strict=False)
+        ep = torch.export.export(target, args, kwargs, dynamic_shapes=shapes, strict=False)
     except Exception as e:
-        raise ExportError(
-            f"torch.export failed on the merged {type(deployed).__name__}: {why_export_failed(e)}"
-        ) from e
+        what = "stack" if stacked else "merged module"
+        raise ExportError(f"torch.export failed on the {what} of {type(deployed).__name__}: {why_export_failed(e)}") from e
     finally:
         deployed.train(was_training)
     leftovers = [n for n in ep.graph.nodes if "onelora" in str(n.target)]
-    if leftovers:  # merge removes every adapter node: this would be our bug
+    if leftovers and not stacked:  # merge removes every adapter node: this would be our bug
         raise ExportError(f"adapter ops survived the merge: {[n.format_node() for n in leftovers]}")
     if path is not None:
         torch.export.save(ep, os.fspath(path))

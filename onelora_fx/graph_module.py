@@ -21,6 +21,7 @@ and hold no device or dtype constants.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any, Callable, Optional
 
@@ -34,7 +35,7 @@ from .compat import GUARDS_PREFIX, pytree, route_forward, set_flat_codegen
 from .copying import copy_module_tree
 from .materialize import after_move
 from .modes import follow_train_eval
-from .rewrite import adapt_like
+from .rewrite import IDS, STACK, adapt_like
 from .sites import join, resolve_attr
 from .state import get_state
 
@@ -158,24 +159,31 @@ class CapturedModule(fx.GraphModule):
         graph directly with the call's values in order, bypassing the call handling."""
         signature = getattr(type(self).forward, "__signature__", None)
         if signature is not None:
-            signature = signature.replace(parameters=list(signature.parameters.values())[1:])  # no self
+            params = list(signature.parameters.values())[1:]  # no self
+            if self.meta.get(STACK):  # a stack takes one more keyword
+                params.insert(next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params)),
+                              inspect.Parameter(IDS, inspect.Parameter.KEYWORD_ONLY))
+            signature = signature.replace(parameters=params)
         return SharedView(self, lambda *args, **kwargs: self._call(args, kwargs), signature)
 
     # ------------------------------------------------------------------ calls
 
     def _call(self, args: tuple, kwargs: dict) -> Any:
+        # a stack's graphs take each batch item's adapter as one more (last) input
+        extra = {IDS: kwargs.pop(IDS, None)} if self.meta.get(STACK) else {}
         primary: Optional[CallGraph] = self.meta.get(_PRIMARY)
         if primary is None:  # symbolic_trace: the graph takes calls as the model does
-            return type(self)._onelora_graph_forward(self, *args, **kwargs)
+            return type(self)._onelora_graph_forward(self, *args, **kwargs, **extra)
         args, kwargs = self.source.signature.canonical(args, kwargs)
         leaves, spec = pytree.tree_flatten((args, kwargs))
+        flat = [*leaves, *extra.values()]
         if primary.accepts(spec, leaves):
-            return primary.unflatten(type(self)._onelora_graph_forward(self, *leaves))
+            return primary.unflatten(type(self)._onelora_graph_forward(self, *flat))
         for call in self.__dict__.get(_MORE, ()):
             if call.accepts(spec, leaves):
-                return call.unflatten(call.forward(self, *leaves))
+                return call.unflatten(call.forward(self, *flat))
         call = self._capture_call(args, kwargs)
-        return call.unflatten(call.forward(self, *leaves))
+        return call.unflatten(call.forward(self, *flat))
 
     def _capture_call(self, args: tuple, kwargs: dict) -> CallGraph:
         source = self.source
@@ -302,8 +310,6 @@ def _make_forward(module: CapturedModule) -> Callable[..., Any]:
 
     source = module.__dict__.get("meta", {}).get(_SOURCE)
     if source is not None and source.signature.signature is not None:
-        import inspect
-
         params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
         params += list(source.signature.signature.parameters.values())
         forward.__signature__ = inspect.Signature(params)  # what Trainer and others inspect

@@ -138,6 +138,10 @@ def merge(gm: nn.Module, *, inplace: bool = False) -> nn.Module:
     if not isinstance(gm, nn.Module):
         raise TypeError(f"merge() takes an adapted module, got {type(gm).__name__}")
     form = form_of(gm)
+    state = get_state(gm)
+    if state is not None and state.stack:
+        raise MergeError(f"a stack of {len(state.stack)} adapters has no single set of merged weights: write one "
+                         "adapter out (ol.unstack), load it into a single-adapter module and merge that")
     _check(gm, _groups(adapted_sites(gm)))  # before anything is copied or changed
     target = gm if inplace else form.copy(gm)
     plans = form.plan(target, _groups(adapted_sites(target)))

@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["linear", "decompose", "expert_term", "expert_of_rows"]
+__all__ = ["linear", "decompose", "expert_term", "expert_of_rows", "linear_rows", "rows_layout", "LEADING", "FLATTENED",
+           "BY_SHAPE"]
 
 
 def _as_in_out(weight: Tensor, transposed: bool) -> Tensor:
@@ -207,3 +208,59 @@ def expert_term(y: Tensor, x: Tensor, offsets: Tensor, b: Tensor) -> Tensor:
     routed = (e < experts).unsqueeze(-1)
     rows = b.index_select(0, e.clamp(max=experts - 1)).to(y.dtype)
     return y + torch.where(routed, rows * x.sum(-1, keepdim=True).to(y.dtype), 0.0)
+
+
+#: how a stacked site's rows meet the batch: ``x`` is ``[batch, ..., in]`` ...
+LEADING = "leading"
+#: ... or ``[batch * n, in]``, each item's ``n`` rows together (GPT-2's ``Conv1D``) ...
+FLATTENED = "flattened"
+#: ... or either, told from the shapes at run time (no graph to read it from)
+BY_SHAPE = "by_shape"
+
+
+def rows_layout(x: Tensor, items: int, site: str) -> str:
+    """:data:`LEADING` or :data:`FLATTENED` for a call whose batch has ``items`` items."""
+    if x.dim() >= 2 and x.shape[0] == items:
+        return LEADING
+    if x.dim() == 2 and items and x.shape[0] % items == 0:
+        return FLATTENED
+    raise ValueError(
+        f"{site}: adapter_ids has {items} entries but this call's input is {tuple(x.shape)}; adapter_ids "
+        "needs one entry per item of the batch (the first dimension of the model's inputs)"
+    )
+
+
+def linear_rows(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], B: Tensor, ids: Tensor, transposed: bool = False, rows: str = LEADING
+) -> Tensor:
+    """Many adapters in one batch: ``linear(x) + B[ids[i]] * x[i].sum(-1)`` for row ``i``.
+
+    ``B`` is ``[K, out]`` (one ``b`` per adapter), ``ids`` one adapter index per batch
+    item, ``-1`` for none. One gather per call; each item's gradient reaches only its own
+    adapter's row of ``B``. The rank-1 term is the GEMM's accumulator, as in
+    :func:`linear` (plain ops: the same code runs eagerly, compiled and exported).
+
+    Example:
+        >>> x, W = torch.ones(3, 2), torch.zeros(4, 2)
+        >>> B = torch.stack([torch.full((4,), 1.0), torch.full((4,), 2.0)])
+        >>> linear_rows(x, W, None, B, torch.tensor([1, -1, 0]))[:, 0].tolist()
+        [4.0, 0.0, 2.0]
+    """
+    dtype = _autocast_dtype(x)
+    if dtype is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return linear_rows(_cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype), _cast(B, dtype), ids, transposed, rows)
+    n = ids.shape[0]
+    if rows == BY_SHAPE:
+        rows = rows_layout(x, n, "a stacked linear")
+    chosen = B.index_select(0, ids.clamp(min=0)).to(x.dtype) * (ids >= 0).unsqueeze(-1).to(x.dtype)  # [n, out]
+    if rows == FLATTENED:
+        chosen = chosen.unsqueeze(1).expand(n, x.shape[0] // n, chosen.shape[-1]).reshape(x.shape[0], chosen.shape[-1])
+    else:
+        chosen = chosen.reshape(n, *([1] * (x.dim() - 2)), chosen.shape[-1])
+    w = _as_in_out(weight, transposed)
+    out = w.shape[1]
+    acc = (chosen * x.sum(-1, keepdim=True)).expand(*x.shape[:-1], out).reshape(-1, out)
+    if bias is not None:
+        acc = acc + bias.to(x.dtype)
+    return acc.addmm(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], out)

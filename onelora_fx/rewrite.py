@@ -24,7 +24,12 @@ from torch import fx, nn
 from . import ops
 from .sites import LinearSite, find_sites, group_by_weight, resolve_attr
 
-__all__ = ["Original", "rewrite", "new_vectors", "adapt_like", "AlreadyAdaptedError"]
+__all__ = ["Original", "rewrite", "new_vectors", "adapt_like", "stack_graph", "AlreadyAdaptedError", "STACK", "IDS"]
+
+#: ``meta`` key of a graph module whose vectors are stacks (``[K, out]``): how many
+STACK = "onelora_stack"
+#: the keyword (and placeholder) that picks each batch item's adapter in a stack
+IDS = "adapter_ids"
 
 
 class AlreadyAdaptedError(ValueError):
@@ -144,6 +149,59 @@ def rewrite(root: nn.Module, graph: fx.Graph, sites: Sequence[LinearSite]) -> in
 
 def adapt_like(root: nn.Module, graph: fx.Graph) -> int:
     """Adapt a newly captured ``graph`` of ``root`` as ``root`` is adapted: every call of
-    a weight that has a vector in ``root`` goes through it."""
+    a weight that has a vector in ``root`` goes through it (a stack, if ``root`` has one)."""
     sites = [replace(s, selected=isinstance(resolve_attr(root, s.adapter_name), nn.Parameter)) for s in find_sites(root, graph)]
-    return rewrite(root, graph, sites) if any(s.selected for s in sites) else 0
+    count = rewrite(root, graph, sites) if any(s.selected for s in sites) else 0
+    if root.meta.get(STACK) if isinstance(root, fx.GraphModule) else False:
+        stack_graph(graph)
+    return count
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Two (symbolic) sizes are the same expression."""
+    return str(a) == str(b)
+
+
+def _rows(x: fx.Node, batch: Any) -> str:
+    """How ``x``'s rows meet the batch, read from the shapes export recorded."""
+    val = x.meta.get("val")
+    if batch is None or not isinstance(val, torch.Tensor) or val.dim() < 2:
+        return ops.BY_SHAPE
+    if _same(val.shape[0], batch):
+        return ops.LEADING
+    source = x
+    while val.dim() == 2 and source.op == "call_function" and source.args:  # through reshapes to [batch, ...]
+        source = source.args[0]
+        if not isinstance(source, fx.Node):
+            break
+        shape = getattr(source.meta.get("val"), "shape", None)
+        if shape is not None and len(shape) >= 2 and _same(shape[0], batch) and _same(shape[-1], val.shape[-1]):
+            return ops.FLATTENED
+    raise ValueError(
+        f"{x.format_node()} is not laid out with the batch first (its rows are {val.shape[0]}, the batch is {batch}): "
+        "a stack cannot tell which adapter each row belongs to"
+    )
+
+
+def stack_graph(graph: fx.Graph) -> int:
+    """Turn every adapted call of ``graph`` into its stacked form, reading each batch
+    item's adapter from a new last input ``adapter_ids``. Checks every site first."""
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    first = next((n for n in inputs if isinstance(n.meta.get("val"), torch.Tensor)), None)
+    batch = first.meta["val"].shape[0] if first is not None and first.meta["val"].dim() else None
+    adapted = [n for n in graph.nodes if n.op == "call_function" and n.target is ops.linear]
+    if any(n.op == "call_function" and n.target is ops.expert_term for n in graph.nodes):
+        raise ValueError("expert sites cannot be stacked: a grouped matmul sorts its rows by expert, not by batch item")
+    layouts = {n: _rows(n.args[0], batch) for n in adapted}
+    with graph.inserting_after(inputs[-1] if inputs else next(iter(graph.nodes))):
+        ids = graph.placeholder(IDS, default_value=None)
+    for node in adapted:
+        x, weight, bias, b = node.args[:4]
+        kwargs = {"transposed": node.kwargs.get("transposed", False), "rows": layouts[node]}
+        with graph.inserting_before(node):
+            new = graph.call_function(ops.linear_rows, (x, weight, bias, b, ids), kwargs)
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    graph.lint()
+    return len(adapted)

@@ -180,8 +180,8 @@ def _match(root: nn.Module, node: fx.Node) -> Optional[_Found]:
         if isinstance(mod, nn.Linear) and node.args and isinstance(weight, nn.Parameter) and weight.dim() == 2:
             return _Found(node, "nn.Linear", node.args[0], None, None, None, False, join(str(node.target), "weight"), weight, False)
         return None
-    if node.op == "call_function" and node.target is ops.linear:
-        transposed = bool(node.kwargs.get("transposed", node.args[4] if len(node.args) > 4 else False))
+    if node.op == "call_function" and node.target in (ops.linear, ops.linear_rows):  # adapted (one b, or a stack)
+        transposed = bool(node.kwargs.get("transposed", False))
         found = _param_of(root, node.args[1], 2)
         if found is None:
             return None

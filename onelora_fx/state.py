@@ -49,6 +49,8 @@ class AdapterState:
     sites: tuple = ()
     #: the names of the 1LoRA vectors
     vectors: tuple[str, ...] = ()
+    #: a stack (``ol.stack``): the names of its adapters, in ``adapter_ids`` order
+    stack: tuple[str, ...] = ()
 
     def __deepcopy__(self, memo: dict) -> "AdapterState":
         # the model and the originals are the model's: a copy of the adapted module

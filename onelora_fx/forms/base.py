@@ -69,6 +69,11 @@ class Form(abc.ABC):
     def copy(self, root: nn.Module) -> nn.Module:
         """A copy of ``root`` that shares its tensors (see :mod:`onelora_fx.copying`)."""
 
+    @abc.abstractmethod
+    def stack(self, root: nn.Module, stacks: dict[str, torch.Tensor]) -> None:
+        """Replace each vector by its ``[K, out]`` stack; each batch item then takes the
+        adapter its ``adapter_ids`` entry names. All or nothing on ``root`` (a copy)."""
+
 
 def own_buffers(root: nn.Module) -> dict[str, torch.Tensor]:
     """Give ``root`` copies of its buffers; returns ``{name: the original tensor}``.

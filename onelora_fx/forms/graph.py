@@ -17,7 +17,7 @@ from ..copying import copy_module_tree
 from ..coverage import unadapted
 from ..fold import MergeError, fold, fold_into
 from ..graph_module import _MORE, CapturedModule
-from ..rewrite import Original, new_vectors, rewrite
+from ..rewrite import STACK, Original, new_vectors, rewrite, stack_graph
 from ..sites import LinearSite, find_sites, resolve_attr
 from .base import Captured, Form, Plan, own_buffers
 
@@ -103,6 +103,14 @@ class GraphForm(Form):
 
     def copy(self, root: nn.Module) -> nn.Module:
         return copy_module_tree(root)
+
+    def stack(self, root: nn.Module, stacks: dict[str, torch.Tensor]) -> None:
+        for name, B in stacks.items():
+            _set_param(root, name, nn.Parameter(B, requires_grad=True))
+        stack_graph(root.graph)
+        root.meta[STACK] = next(iter(stacks.values())).shape[0]
+        root.__dict__.pop(_MORE, None)  # other calls are captured again, stacked
+        root.recompile()
 
 
 def _restore(graph: fx.Graph, node: fx.Node) -> None:

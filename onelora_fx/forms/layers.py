@@ -15,6 +15,7 @@ The subclasses keep the original class's name (Hugging Face writes it into
 
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -30,7 +31,7 @@ from ..sites import ADAPTER_SUFFIX, adapter_name_for
 from ..state import get_state
 
 __all__ = ["SiteCall", "SiteError", "adapt_layer", "adapt_caller", "adapt_root", "restore", "is_adapted_layer", "calls_of",
-           "SiteMode"]
+           "SiteMode", "enter_stack", "leave_stack"]
 
 
 class SiteError(RuntimeError):
@@ -63,8 +64,36 @@ class _OneLoRA:
         return result
 
 
+#: each batch item's adapter while a stacked module form runs (see ``enter_stack``)
+_ADAPTER_IDS: contextvars.ContextVar[Optional[torch.Tensor]] = contextvars.ContextVar("onelora_adapter_ids", default=None)
+
+
+def _one_or_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], b: torch.Tensor, in_out: bool) -> torch.Tensor:
+    """1LoRA with one vector, or with a stack of them (``[K, out]``) and the ids of the call."""
+    if b.dim() == 1:
+        return ops.linear(x, weight, bias, b, transposed=in_out)
+    ids = _ADAPTER_IDS.get()
+    if ids is None:
+        raise ValueError("this module stacks several adapters: call it with adapter_ids=... (one entry per batch item)")
+    return ops.linear_rows(x, weight, bias, b, ids, transposed=in_out, rows=ops.BY_SHAPE)
+
+
 def _layer_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return ops.linear(x, self.weight, self.bias, getattr(self, ADAPTER_SUFFIX), transposed=self._onelora_in_out)
+    return _one_or_rows(x, self.weight, self.bias, getattr(self, ADAPTER_SUFFIX), self._onelora_in_out)
+
+
+def enter_stack(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of a stacked module form: ``adapter_ids`` goes to the layers."""
+    kwargs = dict(kwargs)
+    module.__dict__["_onelora_ids_token"] = _ADAPTER_IDS.set(kwargs.pop("adapter_ids", None))
+    return args, kwargs
+
+
+def leave_stack(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    """Forward hook (always called) that ends :func:`enter_stack`."""
+    token = module.__dict__.pop("_onelora_ids_token", None)
+    if token is not None:
+        _ADAPTER_IDS.reset(token)
 
 
 def _caller_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -182,7 +211,7 @@ class SiteMode(TorchFunctionMode):
                 return ops.expert_term(func(*args, **kwargs), call.x, call.offsets, entry.b)
             if call.kind is not Kind.GROUPED and not entry.expert:
                 b = entry.b if entry.index is None else entry.b[entry.index]
-                return ops.linear(call.x, call.weight, call.bias, b, transposed=call.weight_in_out)
+                return _one_or_rows(call.x, call.weight, call.bias, b, call.weight_in_out)
         name = getattr(func, "__name__", "")
         is_property = name == "__get__"
         if is_property:  # Tensor.T, Tensor.dtype, ...: the descriptor names the property

@@ -25,10 +25,10 @@ from ..copying import copy_module_tree
 from ..coverage import unadapted
 from ..fold import fold, fold_into
 from ..rewrite import AlreadyAdaptedError
-from ..sites import ADAPTER_SUFFIX, Layout, LinearSite, adapter_name_for, find_sites, join
+from ..sites import Layout, LinearSite, adapter_name_for, find_sites, join
 from ..state import get_state
 from .base import Captured, Form, Plan, own_buffers
-from .layers import SiteCall, adapt_caller, adapt_layer, adapt_root, calls_of, is_adapted_layer, restore
+from .layers import SiteCall, adapt_caller, adapt_layer, adapt_root, calls_of, enter_stack, leave_stack, restore
 
 __all__ = ["ModuleForm", "module_sites"]
 
@@ -205,3 +205,14 @@ class ModuleForm(Form):
 
     def copy(self, root: nn.Module) -> nn.Module:
         return copy_module_tree(root)
+
+    def stack(self, root: nn.Module, stacks: dict[str, torch.Tensor]) -> None:
+        experts = [s.name for s in self.sites(root) if s.adapted and s.experts]
+        if experts:
+            raise ValueError(f"expert sites cannot be stacked ({', '.join(experts)}): a grouped matmul sorts its "
+                             "rows by expert, not by batch item")
+        for name, B in stacks.items():
+            owner, _, leaf = name.rpartition(".")
+            (root.get_submodule(owner) if owner else root)._parameters[leaf] = nn.Parameter(B, requires_grad=True)
+        root.register_forward_pre_hook(enter_stack, with_kwargs=True)
+        root.register_forward_hook(leave_stack, with_kwargs=True, always_call=True)
