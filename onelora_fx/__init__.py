@@ -17,6 +17,7 @@ from .fold import MergeError
 from .graph_module import MoveError
 from .merge import merge
 from .patterns import PatternError
+from .peft_io import load_peft, save_peft
 from .query import adapted_sites, adapter_parameters, is_adapted
 from .rewrite import AlreadyAdaptedError
 from .sites import Layout, LinearSite
@@ -40,6 +41,8 @@ __all__ = [
     "load_adapter",
     "stack",
     "unstack",
+    "save_peft",
+    "load_peft",
     "AdapterFileError",
     "LinearSite",
     "Layout",
