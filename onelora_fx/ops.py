@@ -230,6 +230,48 @@ def rows_layout(x: Tensor, items: int, site: str) -> str:
     )
 
 
+class _RowsFunction(torch.autograd.Function):
+    """:func:`linear_rows` in eager mode, as lean as :class:`_OneLoRALinearFunction`: the
+    gathered rank-1 term is the GEMM's accumulator, backward keeps ``s`` and the gathered
+    rows of ``B`` and reduces each item's gradient with one batched matmul."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, B, ids, transposed, items):  # type: ignore[override]
+        n = ids.shape[0]
+        w = _as_in_out(weight, transposed)
+        out = w.shape[1]
+        s = x.sum(-1).reshape(n, -1, 1)  # [n, rows per item, 1]
+        chosen = B.index_select(0, ids.clamp(min=0)).to(x.dtype) * (ids >= 0).unsqueeze(-1).to(x.dtype)
+        acc = (chosen.unsqueeze(1) * s).reshape(-1, out)
+        if bias is not None:
+            acc += bias.to(x.dtype)
+        y = acc.addmm_(x.reshape(-1, x.shape[-1]), w)
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, s, weight, chosen, ids)
+        ctx.transposed, ctx.experts = transposed, B.shape[0]
+        return y.view(*x.shape[:-1], out)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x, s, weight, chosen, ids = ctx.saved_tensors
+        n, out = chosen.shape
+        g3 = g.reshape(n, -1, out)
+        g2 = g3.reshape(-1, out)
+        w = _as_in_out(weight, ctx.transposed)
+        grad_x = grad_w = grad_bias = grad_B = None
+        if ctx.needs_input_grad[0]:
+            gb = torch.bmm(g3, chosen.to(g.dtype).unsqueeze(-1)).reshape(-1, 1)  # g · b of each row's adapter
+            grad_x = torch.addmm(gb.expand(g2.shape[0], w.shape[0]), g2, w.t()).view(*g.shape[:-1], w.shape[0])
+        if ctx.needs_input_grad[1]:
+            x2 = x.reshape(-1, x.shape[-1])
+            grad_w = x2.t().mm(g2) if ctx.transposed else g2.t().mm(x2)
+        if ctx.needs_input_grad[2]:
+            grad_bias = g2.sum(0)
+        if ctx.needs_input_grad[3]:
+            per_item = torch.bmm(g3.transpose(1, 2), s.to(g.dtype)).squeeze(-1) * (ids >= 0).unsqueeze(-1).to(g.dtype)
+            grad_B = g.new_zeros(ctx.experts, out).index_add_(0, ids.clamp(min=0), per_item)
+        return grad_x, grad_w, grad_bias, grad_B, None, None, None
+
+
 def linear_rows(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], B: Tensor, ids: Tensor, transposed: bool = False, rows: str = LEADING
 ) -> Tensor:
@@ -253,6 +295,9 @@ def linear_rows(
     n = ids.shape[0]
     if rows == BY_SHAPE:
         rows = rows_layout(x, n, "a stacked linear")
+    if not torch.compiler.is_compiling():
+        return _RowsFunction.apply(x, weight, bias, B, ids, transposed, rows)
+    # compiled / exported: the same in plain ops, which Inductor fuses and export keeps
     chosen = B.index_select(0, ids.clamp(min=0)).to(x.dtype) * (ids >= 0).unsqueeze(-1).to(x.dtype)  # [n, out]
     if rows == FLATTENED:
         chosen = chosen.unsqueeze(1).expand(n, x.shape[0] // n, chosen.shape[-1]).reshape(x.shape[0], chosen.shape[-1])
