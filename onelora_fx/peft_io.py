@@ -62,6 +62,28 @@ def _targets(paths: list[str], candidates: list[str]) -> Any:
     return "^(?:" + "|".join(re.escape(p) for p in sorted(paths)) + ")$"
 
 
+def _tensors(gm: nn.Module, kept: list[LinearSite], state: Any) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """PEFT's tensors (``lora_A`` = ones, ``lora_B`` = b, trained extras under PEFT's
+    names) and the modules it saves whole (``modules_to_save``)."""
+    vectors = adapter_parameters(gm)
+    tensors: dict[str, torch.Tensor] = {}
+    for s in kept:
+        b = vectors[s.adapter_name].detach().cpu()
+        tensors[f"{PREFIX}{s.owner}.lora_A.weight"] = torch.ones(1, s.in_features, dtype=b.dtype)
+        tensors[f"{PREFIX}{s.owner}.lora_B.weight"] = b.reshape(-1, 1).clone()
+    targets = {s.owner for s in kept}
+    to_save: list[str] = []
+    for name in state.extras if state else ():
+        owner, _, leaf = name.rpartition(".")
+        if leaf == "bias" and Extra.BIAS in state.train:  # bias="all"; a LoRA layer keeps it on base_layer
+            key = f"{owner}.base_layer.bias" if owner in targets else name
+        else:
+            to_save.append(owner)  # a norm or the head, whole
+            key = name
+        tensors[PREFIX + key] = vectors[name].detach().cpu().contiguous()
+    return tensors, to_save
+
+
 def save_peft(gm: nn.Module, directory: str | os.PathLike, *, skip_unsupported: bool = False) -> Path:
     """Write ``gm``'s adapter as a PEFT LoRA adapter (r = 1, ``lora_alpha`` = 1).
 
@@ -89,26 +111,12 @@ def save_peft(gm: nn.Module, directory: str | os.PathLike, *, skip_unsupported: 
     if unsupported:
         warnings.warn(f"save_peft left out {len(unsupported)} sites PEFT cannot express: {', '.join(unsupported)}", stacklevel=2)
     kept = [s for s in sites if s.name not in unsupported]
-    vectors = adapter_parameters(gm)
-    tensors: dict[str, torch.Tensor] = {}
-    for s in kept:
-        b = vectors[s.adapter_name].detach().cpu()
-        tensors[f"{PREFIX}{s.owner}.lora_A.weight"] = torch.ones(1, s.in_features, dtype=b.dtype)
-        tensors[f"{PREFIX}{s.owner}.lora_B.weight"] = b.reshape(-1, 1).clone()
-    targets = {s.owner for s in kept}
-    to_save: list[str] = []
-    for name in state.extras if state else ():
-        owner, _, leaf = name.rpartition(".")
-        if leaf == "bias" and Extra.BIAS in state.train:
-            key = f"{owner}.base_layer.bias" if owner in targets else name
-        else:
-            to_save.append(owner)  # a norm or the head, whole
-            key = name
-        tensors[PREFIX + key] = vectors[name].detach().cpu().contiguous()
+    tensors, to_save = _tensors(gm, kept, state)
     modules = [p for p, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
     config = {
         "peft_type": "LORA", "r": 1, "lora_alpha": 1, "lora_dropout": 0.0, "use_rslora": False, "use_dora": False,
-        "target_modules": _targets(sorted(targets), modules), "fan_in_fan_out": any(s.layout.value == "in_out" for s in kept),
+        "target_modules": _targets(sorted({s.owner for s in kept}), modules),
+        "fan_in_fan_out": any(s.layout.value == "in_out" for s in kept),
         "bias": "all" if state and Extra.BIAS in state.train else "none",
         "modules_to_save": sorted(set(to_save)) or None, "init_lora_weights": True, "inference_mode": True,
         "task_type": None, "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,

@@ -231,11 +231,32 @@ def _owner_of(root: nn.Module, f: _Found) -> tuple[str, str, str]:
 # ---------------------------------------------------------------------------------
 
 
+def _site(root: nn.Module, f: _Found, vector: str, is_head: bool, index: int, calls: int) -> LinearSite:
+    """The :class:`LinearSite` of one matched call."""
+    owner, attr, caller = _owner_of(root, f)
+    in_out = f.arg_transposed != f.flipped
+    out_f, in_f = (f.weight.shape[-1], f.weight.shape[-2]) if in_out else (f.weight.shape[-2], f.weight.shape[-1])
+    adapted = f.b_arg is not None
+    norm, cv = norm_feeding(root, f.x)
+    return LinearSite(
+        name=owner if attr == "weight" else join(owner, attr), weight_name=join(owner, attr), owner=owner, attr=attr,
+        adapter_name=str(f.b_arg.target) if adapted and isinstance(f.b_arg, fx.Node) else vector,
+        in_features=int(in_f), out_features=int(out_f), layout=Layout.IN_OUT if in_out else Layout.OUT_IN,
+        has_bias=f.bias_arg is not None or (f.kind == "nn.Linear" and resolve_attr(root, owner).bias is not None),
+        kind=f.node.meta.get("onelora_kind", f.kind) if adapted else f.kind, is_head=is_head, call_index=index,
+        calls=calls, adapted=adapted, dtype=f.weight.dtype, device=f.weight.device,
+        experts=int(f.weight.shape[0]) if f.weight.dim() == 3 else None, caller=caller, norm=norm, norm_scale_cv=cv,
+        node=f.node, input=f.x, weight_arg=f.weight_arg, bias_arg=f.bias_arg, offsets_arg=f.offsets,
+        arg_transposed=f.arg_transposed, weight=f.weight,
+    )
+
+
 def find_sites(root: nn.Module, graph: Optional[fx.Graph] = None) -> list[LinearSite]:
     """Every linear site of a captured or adapted graph, in graph order.
 
     ``root`` is the module the graph's ``get_attr`` targets name (a GraphModule is its
-    own root and graph). The output head follows :mod:`onelora_fx.heads`.
+    own root and graph). The output head follows :mod:`onelora_fx.heads`. Each weight
+    has one ``b``, named after the weight's first call.
 
     Example:
         >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)))
@@ -246,55 +267,15 @@ def find_sites(root: nn.Module, graph: Optional[fx.Graph] = None) -> list[Linear
     # a grouped matmul wrapped by an expert term is that term's site, not one of its own
     wrapped = {n.args[0] for n in graph.nodes if n.op == "call_function" and n.target is ops.expert_term}
     found = [f for f in (_match(root, n) for n in graph.nodes if n not in wrapped) if f is not None]
-    counts: dict[int, int] = {}
+    calls: dict[int, list[_Found]] = {}
     for f in found:
-        counts[id(f.weight)] = counts.get(id(f.weight), 0) + 1
+        calls.setdefault(id(f.weight), []).append(f)
     heads = HeadRule(graph, lambda target: resolve_attr(root, target))
-    first_owner: dict[int, tuple[str, str]] = {}
-    seen: dict[int, int] = {}
-    sites = []
-    for f in found:
-        owner, attr, caller = _owner_of(root, f)
-        b_owner, b_attr = first_owner.setdefault(id(f.weight), (owner, attr))  # one b per weight
-        in_out = f.arg_transposed != f.flipped
-        out_f, in_f = (f.weight.shape[-1], f.weight.shape[-2]) if in_out else (f.weight.shape[-2], f.weight.shape[-1])
-        index = seen.get(id(f.weight), 0)
-        seen[id(f.weight)] = index + 1
-        adapted = f.b_arg is not None
-        has_bias = f.bias_arg is not None or (f.kind == "nn.Linear" and resolve_attr(root, owner).bias is not None)
-        norm, cv = norm_feeding(root, f.x)
-        sites.append(
-            LinearSite(
-                name=owner if attr == "weight" else join(owner, attr),
-                weight_name=join(owner, attr),
-                owner=owner,
-                attr=attr,
-                adapter_name=str(f.b_arg.target) if adapted and isinstance(f.b_arg, fx.Node) else adapter_name_for(b_owner, b_attr),
-                in_features=int(in_f),
-                out_features=int(out_f),
-                layout=Layout.IN_OUT if in_out else Layout.OUT_IN,
-                has_bias=has_bias,
-                kind=f.node.meta.get("onelora_kind", f.kind) if adapted else f.kind,
-                is_head=heads.is_head(f.node),
-                call_index=index,
-                calls=counts[id(f.weight)],
-                adapted=adapted,
-                dtype=f.weight.dtype,
-                device=f.weight.device,
-                experts=int(f.weight.shape[0]) if f.weight.dim() == 3 else None,
-                caller=caller,
-                norm=norm,
-                norm_scale_cv=cv,
-                node=f.node,
-                input=f.x,
-                weight_arg=f.weight_arg,
-                bias_arg=f.bias_arg,
-                offsets_arg=f.offsets,
-                arg_transposed=f.arg_transposed,
-                weight=f.weight,
-            )
-        )
-    return sites
+    vector = {w: adapter_name_for(*_owner_of(root, group[0])[:2]) for w, group in calls.items()}
+    return [
+        _site(root, f, vector[id(f.weight)], heads.is_head(f.node), calls[id(f.weight)].index(f), len(calls[id(f.weight)]))
+        for f in found
+    ]
 
 
 def group_by_weight(sites: Iterable[LinearSite]) -> dict[str, list[LinearSite]]:
