@@ -218,3 +218,26 @@ def test_device_numerics_op_merge_export_adapter(device, tmp_path):
     fresh = adapt(model, kwargs)
     ol.load_adapter(fresh, ol.save_adapter(gm, tmp_path / "a.safetensors"))
     assert torch.equal(fresh.eval()(**kwargs).logits, gm(**kwargs).logits)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_cuda_float16_with_a_grad_scaler():
+    model, kwargs = build("llama-tiny", "cuda")
+    gm = adapt(model, kwargs)
+    vectors = ol.adapter_parameters(gm)
+    opt = torch.optim.AdamW(vectors.values(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cuda")
+    gm.train()
+    losses = []
+    for _ in range(5):
+        with torch.autocast("cuda", dtype=torch.float16):
+            logits = gm(**kwargs).logits
+            assert logits.dtype == torch.float16
+            loss = logits.float().square().mean()
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        assert all(p.grad.dtype == torch.float32 for p in vectors.values())
+        scaler.step(opt)
+        scaler.update()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] and all(torch.isfinite(p).all() for p in vectors.values())
