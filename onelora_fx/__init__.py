@@ -9,11 +9,12 @@ Example:
     >>> gm = ol.transform(model, "all-linear", example_kwargs={"input_ids": ids})  # doctest: +SKIP
 """
 
-from . import backend as _backend  # registers torch.compile(..., backend="onelora")
+from . import backend as _backend  # noqa: F401  (registers torch.compile(..., backend="onelora"))
 from .adapters import AdapterFileError, load_adapter, save_adapter
 from .capture import Capture, CaptureError
 from .export import ExportError, export
 from .fold import MergeError
+from .forms.layers import SiteError
 from .graph_module import MoveError
 from .merge import merge
 from .patterns import PatternError
@@ -50,6 +51,7 @@ __all__ = [
     "Capture",
     "CaptureError",
     "MoveError",
+    "SiteError",
     "PatternError",
     "AlreadyAdaptedError",
 ]

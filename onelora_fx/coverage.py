@@ -26,7 +26,6 @@ _CARRIES = {
     "contiguous", "clone", "alias", "detach", "index", "select", "slice", "unsqueeze", "squeeze",
     "getitem", "flatten", "unflatten", "float", "half", "bfloat16", "index_select", "swapaxes", "movedim",
 }
-_RECURRENT = {"lstm", "gru", "rnn_tanh", "rnn_relu", "_native_multi_head_attention", "_transformer_encoder_layer_fwd"}
 
 
 def _param_behind(root: nn.Module, arg: Any, depth: int = 12) -> Optional[str]:
@@ -49,7 +48,7 @@ def unadapted(root: nn.Module, graph: fx.Graph, sites: Sequence[LinearSite]) -> 
     for node in graph.nodes:
         if node in site_nodes:
             continue
-        if not (is_matmul_like(node.op, node.target) or op_name(node.op, node.target) in _RECURRENT):
+        if not is_matmul_like(node.op, node.target):
             continue
         operands: list[fx.Node] = []
         fx.node.map_arg((node.args, node.kwargs), operands.append)

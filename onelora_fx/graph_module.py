@@ -28,7 +28,6 @@ from typing import Any, Callable, Optional
 import torch
 from torch import fx, nn
 
-from . import ops
 from .calls import CallGraph, Signature
 from .capture import Capture, CaptureError, SharedView, Traced, first_line, trace
 from .compat import GUARDS_PREFIX, pytree, route_forward, set_flat_codegen

@@ -196,6 +196,9 @@ def op_name(op: str, target: Any) -> str:
 _MATMUL_LIKE = {
     "mm", "bmm", "matmul", "__matmul__", "einsum", "baddbmm", "addbmm", "addmm", "addmv", "mv",
     "linear", "bilinear", "_grouped_mm", "grouped_mm", "tensordot", "inner", "dot", "chain_matmul",
+    # fused kernels that multiply by weights they are given
+    "lstm", "gru", "rnn_tanh", "rnn_relu", "multi_head_attention_forward", "_native_multi_head_attention",
+    "_transformer_encoder_layer_fwd",
 }
 
 

@@ -225,7 +225,7 @@ def _owner_of(root: nn.Module, f: _Found) -> tuple[str, str, str]:
             if p is f.weight:
                 return caller, attr, caller
     owner, _, attr = f.target.rpartition(".")
-    return owner, attr, caller or owner
+    return owner, attr, caller  # "" when the root's own forward makes the call
 
 
 # ---------------------------------------------------------------------------------

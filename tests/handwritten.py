@@ -96,6 +96,25 @@ class Tied(nn.Module):
         return l1(self.lm_head(h), h, bs.get("lm_head"))
 
 
+class TiedFunctional(nn.Module):
+    """A head written as ``F.linear(h, self.embed.weight)`` in the root's own forward."""
+
+    def __init__(self, d_in=8, d_hidden=16, d_out=4, bias=True):
+        super().__init__()
+        self.embed = nn.Embedding(d_out * 4, d_hidden)
+        self.mix = nn.Linear(d_hidden, d_hidden, bias=bias)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + torch.relu(self.mix(h))
+        return F.linear(h, self.embed.weight)
+
+    def reference(self, ids, bs):
+        h = self.embed(ids)
+        h = h + torch.relu(l1(self.mix(h), h, bs.get("mix")))
+        return l1(F.linear(h, self.embed.weight), h, bs.get("embed"))
+
+
 class Layouts(nn.Module):
     """x @ W ([in, out], GPT-2 style), addmm(bias, x, W), matmul(x, W.t())."""
 
@@ -121,19 +140,20 @@ class Layouts(nn.Module):
         return l1(torch.matmul(a, self.w_out_in.t()), a, bs.get("w_out_in"))
 
 
-MODULES = {"mlp": MLP, "raw": RawParams, "shared": Shared, "tied": Tied, "layouts": Layouts}
+MODULES = {"mlp": MLP, "raw": RawParams, "shared": Shared, "tied": Tied, "tied_fn": TiedFunctional, "layouts": Layouts}
 # the site names each module has, and its head
 SITES = {
     "mlp": (["fc1", "fc2", "head"], ["head"]),
     "raw": (["router", "w2"], ["w2"]),
     "shared": (["inp", "block", "out"], []),
     "tied": (["mix", "lm_head"], ["lm_head"]),
+    "tied_fn": (["mix", "embed"], ["embed"]),
     "layouts": (["w_in_out", "conv_w", "w_out_in"], ["w_out_in"]),
 }
 
 
 def example(name: str, batch: tuple[int, ...], d_in: int, d_out: int, dtype=torch.float32, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    if name == "tied":
+    if name in ("tied", "tied_fn"):
         return torch.randint(0, d_out * 4, batch, generator=g)
     return torch.randn(*batch, d_in, generator=g).to(dtype)

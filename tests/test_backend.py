@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 from torch._dynamo.utils import counters
 
 import onelora_fx as ol

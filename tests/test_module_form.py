@@ -77,7 +77,7 @@ def test_module_form_of_every_linear_form_matches_listing1(name):
     torch.manual_seed(0)
     model = MODULES[name]()
     x = example(name, (3, 5), 8, 4)
-    gm = ol.transform(model, "all-linear" if name == "tied" else "all", capture="module")
+    gm = ol.transform(model, "all-linear" if name.startswith("tied") else "all", capture="module")
     assert isinstance(gm, type(model)) and type(gm).__name__ == type(model).__name__
     assert torch.equal(gm(x), model(x))
     bs = randomize_adapters(gm, 2)
@@ -145,3 +145,21 @@ def test_hugging_face_trainer_runs_on_both_forms(capture, tmp_path):
     gm.eval()
     tol = tolerance(torch.float32)
     torch.testing.assert_close(gm(**inputs).loss, reference.eval()(**inputs).loss, rtol=tol["rtol"], atol=tol["atol"])
+
+
+def test_a_fused_kernel_on_an_adapted_weight_is_an_error_not_a_skip():
+    """nn.MultiheadAttention hands its projection weights to one fused function; the
+    module form cannot add the 1LoRA term inside it and says so (the graph form can)."""
+    torch.manual_seed(0)
+    model = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+    x = torch.randn(2, 5, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = ol.transform(model, "all", capture="module", example_inputs=(x,))
+    with pytest.raises(ol.SiteError, match=r"in_proj_weight.*multi_head_attention_forward.*graph form"):
+        gm(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = ol.transform(model, "all", capture="export", example_inputs=(x,))
+    randomize_adapters(graph, 1)
+    assert not torch.allclose(graph(x), model(x), atol=1e-4)

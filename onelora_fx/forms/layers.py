@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 from .. import ops
 from ..compat import pytree
 from ..materialize import after_move
-from ..linear_ops import Kind, read_call, unwrap_transpose
+from ..linear_ops import Kind, is_matmul_like, read_call, unwrap_transpose
 from ..sites import ADAPTER_SUFFIX, adapter_name_for
 from ..state import get_state
 
@@ -230,7 +230,10 @@ class SiteMode(TorchFunctionMode):
             if out is not None:
                 return out
         used = [e.name for e in map(self._find, pytree.tree_leaves((args, kwargs))) if e is not None]
-        if used:
+        if used and is_matmul_like("call_function", func):
+            # a weight multiplied where the 1LoRA term cannot be added (a fused kernel):
+            # an error, never a silently unadapted site; other reads (an embedding lookup
+            # of a tied weight) are not linear calls and pass
             raise SiteError(
                 f"the adapted weight behind {used[0]} is passed to {name or func}, which "
                 "1LoRA's module form cannot follow (it adapts linear, matmul and grouped matmul calls "

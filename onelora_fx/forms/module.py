@@ -108,7 +108,8 @@ def _discover(model: nn.Module, root: nn.Module, args: tuple, kwargs: dict, dyna
 def _caller_of(root: nn.Module, s: LinearSite) -> str:
     """Where a site's call is intercepted: the caller when it owns the weight or holds
     its owner, else the owner itself."""
-    caller = s.caller if s.caller and (s.owner == s.caller or s.owner.startswith(s.caller + ".")) else s.owner
+    holds = s.caller == "" or s.owner == s.caller or s.owner.startswith(s.caller + ".")  # "" is the root
+    caller = s.caller if holds else s.owner
     try:
         root.get_submodule(caller)
     except AttributeError:
