@@ -28,6 +28,10 @@ _CARRIES = {
 }
 
 
+# torch.nn layers that multiply by their weights inside one fused kernel
+_MATMUL_MODULES = (nn.RNNBase, nn.Bilinear, nn.MultiheadAttention)
+
+
 def _param_behind(root: nn.Module, arg: Any, depth: int = 12) -> Optional[str]:
     node = arg
     while isinstance(node, fx.Node) and depth > 0:
@@ -47,6 +51,13 @@ def unadapted(root: nn.Module, graph: fx.Graph, sites: Sequence[LinearSite]) -> 
     out: dict[str, str] = {}
     for node in graph.nodes:
         if node in site_nodes:
+            continue
+        if node.op == "call_module":  # a torch.nn layer symbolic_trace kept whole
+            module = resolve_attr(root, str(node.target))
+            if isinstance(module, _MATMUL_MODULES):
+                for name, p in module.named_parameters():
+                    if p.dim() >= 2:
+                        out.setdefault(f"{node.target}.{name}", type(module).__name__)
             continue
         if not is_matmul_like(node.op, node.target):
             continue

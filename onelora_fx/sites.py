@@ -24,7 +24,7 @@ from torch import fx, nn
 from . import ops
 from .compat import module_stack
 from .heads import HeadRule
-from .linear_ops import read_call, unwrap_transpose
+from .linear_ops import op_name, read_call, unwrap_transpose
 from .norms import norm_feeding
 
 __all__ = [
@@ -148,14 +148,27 @@ class _Found:
     b_arg: Optional[fx.Node] = None
 
 
+# ops a weight may pass through on its way to a linear call without changing what it is
+_CASTS = {"to", "_to_copy", "type", "float", "half", "bfloat16", "contiguous", "alias", "detach"}
+
+
+def _uncast(arg: Any) -> Any:
+    while isinstance(arg, fx.Node) and arg.op in ("call_function", "call_method") and arg.args \
+            and op_name(arg.op, arg.target) in _CASTS and isinstance(arg.args[0], fx.Node):
+        arg = arg.args[0]
+    return arg
+
+
 def _param_of(root: nn.Module, arg: Any, ndim: int) -> Optional[tuple[str, torch.Tensor, bool]]:
-    """``(target, parameter, flipped)`` behind a weight argument, or None."""
+    """``(target, parameter, flipped)`` behind a weight argument (the parameter itself,
+    transposed, or cast: ``W.float().t()``), or None."""
+    arg = _uncast(arg)
     if not isinstance(arg, fx.Node):
         return None
     flipped = False
     inner = unwrap_transpose(arg.op, arg.target, arg.args, ndim)
     if isinstance(inner, fx.Node):
-        arg, flipped = inner, True
+        arg, flipped = _uncast(inner), True
     if arg.op != "get_attr":
         return None
     value = resolve_attr(root, arg.target)

@@ -13,8 +13,9 @@ GPT-2's ``Conv1D``, and Hugging Face expert modules (3-D ``gate_up_proj`` /
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -96,13 +97,36 @@ def _discover(model: nn.Module, root: nn.Module, args: tuple, kwargs: dict, dyna
     for attempt in attempts:
         try:
             a, k = Signature(model.forward).canonical(args, attempt)
-            traced = trace(model, a, k, Capture.AUTO, dynamic)
+            with _graphable_experts(model):
+                traced = trace(model, a, k, Capture.AUTO, dynamic)
         except (CaptureError, ValueError) as e:
             failed = e if isinstance(e, CaptureError) else failed
             continue
         found = find_sites(traced.module)
         return [_without_graph(s) for s in found], unadapted(traced.module, traced.module.graph, found)
     return [_without_graph(s) for s in module_sites(root)], {}
+
+
+@contextmanager
+def _graphable_experts(model: nn.Module) -> Iterator[None]:
+    """transformers' eager experts are a Python loop over experts that no capture takes;
+    its grouped one has the same weights and calls: find the sites on that one (the
+    module form then adapts the loop at run time)."""
+    can = getattr(model, "_can_set_experts_implementation", None)
+    get = getattr(model, "get_experts_implementation", None)
+    if not (callable(can) and callable(get) and can()):
+        yield
+        return
+    current = get()
+    eager = {k: v for k, v in current.items() if v == "eager"} if isinstance(current, dict) else current == "eager"
+    if not eager:
+        yield
+        return
+    model.set_experts_implementation("grouped_mm")
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(current)
 
 
 def _caller_of(root: nn.Module, s: LinearSite) -> str:
