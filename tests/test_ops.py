@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from onelora_fx import ops
-from reference import tolerance
+from reference import DEVICES, tolerance
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 
@@ -49,8 +49,9 @@ def base(x, w, bias, transposed):
     contiguous=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_zero_b_is_bit_exact_and_random_b_is_listing1(shape, d_in, d_out, dtype, transposed, bias, contiguous, seed):
-    x, w, bvec, b = make(shape, d_in, d_out, dtype, transposed, bias, contiguous, seed)
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_b_is_bit_exact_and_random_b_is_listing1(device, shape, d_in, d_out, dtype, transposed, bias, contiguous, seed):
+    x, w, bvec, b = (t if t is None else t.to(device) for t in make(shape, d_in, d_out, dtype, transposed, bias, contiguous, seed))
     if transposed and x.dim() != 2 and bias is not None:
         return  # only addmm is "x @ W + bias" in one call, and it takes 2-D x
     zero = torch.zeros_like(b)
@@ -62,11 +63,12 @@ def test_zero_b_is_bit_exact_and_random_b_is_listing1(shape, d_in, d_out, dtype,
     torch.testing.assert_close(got, expected, rtol=tol["rtol"], atol=tol["atol"] * scale)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("contiguous", [False, True])
-def test_gradcheck(transposed, bias, contiguous):
-    x, w, bvec, b = make((3, 4), 5, 6, torch.float64, transposed, bias, contiguous, 0)
+def test_gradcheck(device, transposed, bias, contiguous):
+    x, w, bvec, b = (t if t is None else t.to(device) for t in make((3, 4), 5, 6, torch.float64, transposed, bias, contiguous, 0))
     args = [x.requires_grad_(), w.requires_grad_(), bvec.requires_grad_() if bias else None, b.requires_grad_()]
     assert torch.autograd.gradcheck(lambda *a: ops.linear(*a, transposed), args)
     # the custom op returns (y, s): both outputs' gradients
