@@ -125,3 +125,26 @@ def test_a_compiled_stack_does_not_recompile_when_the_adapters_change():
                                rtol=TOL["rtol"], atol=TOL["atol"])
     assert counters["stats"]["unique_graphs"] == frames, "new adapter values or ids recompiled"
     torch._dynamo.reset()
+
+
+def test_a_module_form_stack_generates_each_row_with_its_adapter():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=64, pad_token_id=0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(1, 64, (3, 5), generator=torch.Generator().manual_seed(2))
+    adapters = []
+    for seed in range(2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm = ol.transform(model, capture="module", example_kwargs={"input_ids": ids})
+        randomize_adapters(gm, seed + 1, scale=0.3)
+        adapters.append(gm)
+    multi = ol.stack(adapters[0], adapters)
+    rows = torch.tensor([1, -1, 0])
+    kwargs = dict(max_new_tokens=5, do_sample=False)
+    out = multi.generate(ids, attention_mask=torch.ones_like(ids), adapter_ids=rows, **kwargs)  # KV cache, mixed batch
+    for row, k in enumerate(rows.tolist()):
+        single = (adapters[k] if k >= 0 else model).generate(ids[row:row + 1], attention_mask=torch.ones_like(ids[row:row + 1]),
+                                                             **kwargs)
+        assert torch.equal(out[row:row + 1], single)

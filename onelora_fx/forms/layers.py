@@ -16,6 +16,7 @@ The subclasses keep the original class's name (Hugging Face writes it into
 from __future__ import annotations
 
 import contextvars
+import inspect
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -31,7 +32,7 @@ from ..sites import ADAPTER_SUFFIX, adapter_name_for
 from ..state import get_state
 
 __all__ = ["SiteCall", "SiteError", "adapt_layer", "adapt_caller", "adapt_root", "restore", "is_adapted_layer", "calls_of",
-           "SiteMode", "enter_stack", "leave_stack"]
+           "SiteMode", "adapt_stack"]
 
 
 class SiteError(RuntimeError):
@@ -82,18 +83,19 @@ def _layer_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _one_or_rows(x, self.weight, self.bias, getattr(self, ADAPTER_SUFFIX), self._onelora_in_out)
 
 
-def enter_stack(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Forward pre-hook of a stacked module form: ``adapter_ids`` goes to the layers."""
-    kwargs = dict(kwargs)
-    module.__dict__["_onelora_ids_token"] = _ADAPTER_IDS.set(kwargs.pop("adapter_ids", None))
-    return args, kwargs
-
-
-def leave_stack(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-    """Forward hook (always called) that ends :func:`enter_stack`."""
-    token = module.__dict__.pop("_onelora_ids_token", None)
-    if token is not None:
+def _stack_forward(self: nn.Module, *args: Any, adapter_ids: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
+    """A stacked module form's forward: ``adapter_ids`` goes to the layers for this call."""
+    token = _ADAPTER_IDS.set(adapter_ids)
+    try:
+        return self._onelora_base.forward(self, *args, **kwargs)
+    finally:
         _ADAPTER_IDS.reset(token)
+
+
+def adapt_stack(m: nn.Module) -> None:
+    """The module form's root, stacked: it takes ``adapter_ids`` (``generate`` passes it
+    through too: the keyword is in the forward's signature)."""
+    m.__class__ = _subclass(type(m), "stack")
 
 
 def _caller_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -116,13 +118,33 @@ _CLASSES: dict[tuple[type, str], type] = {}
 _FORWARDS = {"caller": _caller_forward, "layer": _layer_forward}
 
 
+def _with_ids(base: type) -> Any:
+    """``_stack_forward`` with the signature of ``base.forward`` plus ``adapter_ids``."""
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return _stack_forward(self, *args, **kwargs)
+
+    try:
+        signature = inspect.signature(base.forward)
+    except (TypeError, ValueError):
+        return forward
+    params = list(signature.parameters.values())
+    at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+    params.insert(at, inspect.Parameter("adapter_ids", inspect.Parameter.KEYWORD_ONLY, default=None))
+    forward.__signature__ = signature.replace(parameters=params)
+    return forward
+
+
 def _subclass(base: type, kind: str) -> type:
     if (base, kind) not in _CLASSES:
         body = {"_onelora_base": base, "_onelora_kind": kind, "__reduce_ex__": _reduce_ex,
                 "__module__": base.__module__, "__qualname__": base.__qualname__}
         if kind in _FORWARDS:  # "root" keeps the model's forward
             body["forward"] = _FORWARDS[kind]
-        _CLASSES[(base, kind)] = type(base.__name__, (_OneLoRA, base), body)
+        elif kind == "stack":
+            body["forward"] = _with_ids(base)
+        bases = (base,) if issubclass(base, _OneLoRA) else (_OneLoRA, base)  # a stack of an adapted root
+        _CLASSES[(base, kind)] = type(base.__name__, bases, body)
     return _CLASSES[(base, kind)]
 
 

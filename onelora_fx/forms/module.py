@@ -29,7 +29,7 @@ from ..rewrite import AlreadyAdaptedError
 from ..sites import Layout, LinearSite, adapter_name_for, find_sites, join
 from ..state import get_state
 from .base import Captured, Form, Plan, own_buffers
-from .layers import SiteCall, adapt_caller, adapt_layer, adapt_root, calls_of, enter_stack, leave_stack, restore
+from .layers import SiteCall, adapt_caller, adapt_layer, adapt_root, adapt_stack, calls_of, restore
 
 __all__ = ["ModuleForm", "module_sites"]
 
@@ -239,5 +239,4 @@ class ModuleForm(Form):
         for name, B in stacks.items():
             owner, _, leaf = name.rpartition(".")
             (root.get_submodule(owner) if owner else root)._parameters[leaf] = nn.Parameter(B, requires_grad=True)
-        root.register_forward_pre_hook(enter_stack, with_kwargs=True)
-        root.register_forward_hook(leave_stack, with_kwargs=True, always_call=True)
+        adapt_stack(root)
