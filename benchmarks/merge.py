@@ -30,7 +30,8 @@ from tabulate import tabulate
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import onelora_fx as ol  # noqa: E402
 from onelora_fx import zoo  # noqa: E402
-from onelora_fx.capture import capture  # noqa: E402
+from onelora_fx.capture import Capture  # noqa: E402
+from onelora_fx.forms import GraphForm  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -57,7 +58,7 @@ def main(argv=None) -> dict:
     example = {"input_ids": ids[:, :16].clone()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        base_graph = capture(model, (), example).gm.eval()
+        base_graph = GraphForm().capture(model, (), example, True, Capture.AUTO).root.eval()  # the un-adapted capture
         gm = ol.transform(model, "all-linear", example_kwargs=example)
     with torch.no_grad():
         for b in ol.adapter_parameters(gm).values():

@@ -16,7 +16,7 @@ per-round ratios, the machine being shared and noisy):
 
 Target: K = 256 costs at most 1.05x one adapter, in inference and in training.
 
-    python benchmarks/multi_adapter.py                 # ~10 minutes on one thread
+    python benchmarks/multi_adapter.py                 # about 2 minutes on one thread
     python benchmarks/multi_adapter.py --quick         # two K values, few rounds
     python benchmarks/multi_adapter.py --out DIR       # DIR/multi_adapter.json, .png
 """
@@ -171,7 +171,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="K in {1, 8}, 3 rounds")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

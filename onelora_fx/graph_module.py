@@ -167,6 +167,12 @@ class CapturedModule(fx.GraphModule):
 
     # ------------------------------------------------------------------ calls
 
+    @staticmethod
+    def forget_calls(root: nn.Module) -> None:
+        """Drop the graphs captured on first use (after the adaptation changed): each is
+        captured again, as ``root`` is now, when its call comes."""
+        root.__dict__.pop(_MORE, None)
+
     def _call(self, args: tuple, kwargs: dict) -> Any:
         # a stack's graphs take each batch item's adapter as one more (last) input
         extra = {IDS: kwargs.pop(IDS, None)} if self.meta.get(STACK) else {}

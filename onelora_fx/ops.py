@@ -242,9 +242,8 @@ class _RowsFunction(torch.autograd.Function):
         out = w.shape[1]
         s = x.sum(-1).reshape(n, -1, 1)  # [n, rows per item, 1]
         chosen = B.index_select(0, ids.clamp(min=0)).to(x.dtype) * (ids >= 0).unsqueeze(-1).to(x.dtype)
-        acc = (chosen.unsqueeze(1) * s).reshape(-1, out)
-        if bias is not None:
-            acc += bias.to(x.dtype)
+        rank1 = chosen.unsqueeze(1)
+        acc = (rank1 * s if bias is None else torch.addcmul(bias.to(x.dtype), rank1, s)).reshape(-1, out)  # one pass
         y = acc.addmm_(x.reshape(-1, x.shape[-1]), w)
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, s, weight, chosen, ids)
         ctx.transposed, ctx.experts = transposed, B.shape[0]
@@ -267,7 +266,8 @@ class _RowsFunction(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_bias = g2.sum(0)
         if ctx.needs_input_grad[3]:
-            per_item = torch.bmm(g3.transpose(1, 2), s.to(g.dtype)).squeeze(-1) * (ids >= 0).unsqueeze(-1).to(g.dtype)
+            # sᵀ g per item, as a vector-matrix product over the contiguous gradient
+            per_item = torch.bmm(s.to(g.dtype).transpose(1, 2), g3).squeeze(1) * (ids >= 0).unsqueeze(-1).to(g.dtype)
             grad_B = g.new_zeros(ctx.experts, out).index_add_(0, ids.clamp(min=0), per_item)
         return grad_x, grad_w, grad_bias, grad_B, None, None, None
 

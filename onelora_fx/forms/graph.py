@@ -16,7 +16,7 @@ from ..compat import pytree
 from ..copying import copy_module_tree
 from ..coverage import unadapted
 from ..fold import MergeError, fold, fold_into
-from ..graph_module import _MORE, CapturedModule
+from ..graph_module import CapturedModule
 from ..rewrite import STACK, Original, new_vectors, rewrite, stack_graph
 from ..sites import LinearSite, find_sites, resolve_attr
 from .base import Captured, Form, Plan, own_buffers
@@ -29,7 +29,8 @@ def _warn_specialized(model: nn.Module, args: tuple, kwargs: dict) -> None:
     ones = []
     for path, leaf in pytree.tree_flatten_with_path((args, kwargs))[0]:
         if hasattr(leaf, "shape"):
-            ones += [f"{pytree.keystr(path[1:]).strip('[]').strip(chr(39))} dim {d}" for d, n in enumerate(leaf.shape) if n == 1]
+            name = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path[1:])  # input_ids, pixel_values.0
+            ones += [f"{name} dim {d}" for d, n in enumerate(leaf.shape) if n == 1]
     if ones:
         warnings.warn(
             f"example inputs of {type(model).__name__} have size 1 at {', '.join(ones)}: torch.export "
@@ -64,7 +65,7 @@ class GraphForm(Form):
                 owner, _, leaf = name.rpartition(".")
                 del (root.get_submodule(owner) if owner else root)._parameters[leaf]
             raise
-        root.__dict__.pop(_MORE, None)  # graphs of other calls are captured again, adapted
+        CapturedModule.forget_calls(root)  # graphs of other calls are captured again, adapted
         root.recompile()
         return vectors
 
@@ -98,7 +99,7 @@ class GraphForm(Form):
             owner, _, leaf = plan.name.rpartition(".")
             (root.get_submodule(owner) if owner else root)._parameters.pop(leaf)
         graph.lint()
-        root.__dict__.pop(_MORE, None)
+        CapturedModule.forget_calls(root)
         root.recompile()
 
     def copy(self, root: nn.Module) -> nn.Module:
@@ -109,7 +110,7 @@ class GraphForm(Form):
             _set_param(root, name, nn.Parameter(B, requires_grad=True))
         stack_graph(root.graph)
         root.meta[STACK] = next(iter(stacks.values())).shape[0]
-        root.__dict__.pop(_MORE, None)  # other calls are captured again, stacked
+        CapturedModule.forget_calls(root)  # other calls are captured again, stacked
         root.recompile()
 
 
