@@ -108,8 +108,7 @@ def test_a_tied_head_merged_in_place_is_untied_in_the_model(tmp_path):
     torch.testing.assert_close(reloaded(**kwargs).logits, expected, rtol=tol["rtol"], atol=tol["atol"])
 
 
-@pytest.fixture(scope="module")
-def llama():
+def adapted_llama(example: dict):
     from onelora_fx import zoo
 
     torch.manual_seed(0)
@@ -117,8 +116,13 @@ def llama():
     model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        gm = ol.transform(model, "all-linear", example_kwargs={"input_ids": IDS})
-    gm.eval()
+        gm = ol.transform(model, "all-linear", example_kwargs=example)
+    return model, gm.eval()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model, gm = adapted_llama({"input_ids": IDS})
     return model, gm, listing1_copy(model, randomize_adapters(gm, 7)).eval()
 
 
@@ -160,16 +164,9 @@ def test_new_calls_train_the_same_vectors(llama):
 
 
 def test_one_tensor_passed_twice_stays_two_inputs():
-    from onelora_fx import zoo
-
-    torch.manual_seed(0)
-    model, _, _ = zoo.llama()
-    model.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gm = ol.transform(model, example_kwargs={"input_ids": IDS, "labels": IDS})
+    model, gm = adapted_llama({"input_ids": IDS, "labels": IDS})
     other = torch.randint(0, 64, IDS.shape)
-    out = gm.eval()(input_ids=IDS, labels=other)
+    out = gm(input_ids=IDS, labels=other)
     expected = model(input_ids=IDS, labels=other)
     assert torch.equal(out.logits, expected.logits), "the logits must come from input_ids, not labels"
     torch.testing.assert_close(out.loss, expected.loss)
