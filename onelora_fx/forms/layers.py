@@ -28,7 +28,7 @@ from .. import ops
 from ..compat import pytree
 from ..materialize import after_move
 from ..linear_ops import Kind, is_matmul_like, read_call, unwrap_transpose
-from ..sites import ADAPTER_SUFFIX, adapter_name_for
+from ..sites import ADAPTER_SUFFIX, adapter_name_for, join
 from ..state import get_state
 
 __all__ = ["SiteCall", "SiteError", "adapt_layer", "adapt_caller", "adapt_root", "restore", "is_adapted_layer", "calls_of",
@@ -214,7 +214,7 @@ class SiteMode(TorchFunctionMode):
             owner = caller.get_submodule(call.owner) if call.owner else caller
             weight = owner._parameters[call.attr]
             b = getattr(owner, call.vector.rpartition(".")[2])
-            self.tracked[id(weight)] = _Tracked(weight, b, call.vector, expert=weight.dim() == 3)
+            self.tracked[id(weight)] = _Tracked(weight, b, join(call.owner, call.attr), expert=weight.dim() == 3)
 
     def _find(self, t: Any) -> Optional[_Tracked]:
         entry = self.tracked.get(id(t)) if isinstance(t, torch.Tensor) else None
@@ -257,7 +257,7 @@ class SiteMode(TorchFunctionMode):
             # an error, never a silently unadapted site; other reads (an embedding lookup
             # of a tied weight) are not linear calls and pass
             raise SiteError(
-                f"the adapted weight behind {used[0]} is passed to {name or func}, which "
+                f"the adapted weight {used[0]} is passed to {name or func}, which "
                 "1LoRA's module form cannot follow (it adapts linear, matmul and grouped matmul calls "
                 "on the weight, its transpose or one expert's slice). Use the graph form "
                 "(capture='export'), or exclude this site."
