@@ -23,7 +23,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 import onelora_fx as ol
-from onelora_fx import zoo
+from onelora_fx.tools import zoo
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard instead of DDP")

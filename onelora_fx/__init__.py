@@ -9,23 +9,27 @@ Example:
     >>> gm = ol.transform(model, "all-linear", example_kwargs={"input_ids": ids})  # doctest: +SKIP
 """
 
-from . import backend as _backend  # noqa: F401  (registers torch.compile(..., backend="onelora"))
-from .adapters import AdapterFileError, load_adapter, save_adapter
-from .capture import Capture, CaptureError
-from .export import ExportError, export
+import logging as _logging
+
+from .adapters.files import AdapterFileError, load_adapter, save_adapter
+from .adapters.peft import load_peft, save_peft
+from .adapters.stack import stack, unstack
+from .analysis.patterns import PatternError
+from .compile import backend as _backend  # noqa: F401  (registers torch.compile(..., backend="onelora"))
+from .deploy.export import ExportError, export
+from .deploy.merge import merge
 from .fold import MergeError
-from .forms.layers import SiteError
-from .graph_module import MoveError
-from .merge import merge
-from .patterns import PatternError
-from .peft_io import load_peft, save_peft
+from .forms.graph.capture import CaptureError
+from .forms.graph.module import MoveError
+from .forms.module.layers import SiteError
 from .query import adapted_sites, adapter_parameters, is_adapted
-from .rewrite import AlreadyAdaptedError
-from .sites import Layout, LinearSite
-from .stack import stack, unstack
-from .state import Extra
+from .records import Layout, LinearSite
+from .state import AlreadyAdaptedError, Capture, Extra
 from .summary import summary
 from .transform import sites, transform
+
+# a library logs; the application decides what is shown (nothing, until it configures logging)
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 __all__ = [
     "transform",

@@ -1,4 +1,5 @@
-"""Every private torch API onelora_fx touches, in one place, each with the reason.
+"""Every private torch API onelora_fx touches, in one place, each with the reason (and
+the one lookup of an optional part of torch, :func:`is_dtensor`).
 
 Everything else in the package uses public torch APIs, plus two long-standing
 conventions every adapter library relies on: ``nn.Module``'s ``_parameters`` /
@@ -13,6 +14,7 @@ shows up here first.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -20,6 +22,9 @@ from torch import fx
 
 __all__ = [
     "GROUPED_MM",
+    "assert_async",
+    "check",
+    "is_dtensor",
     "GUARDS_PREFIX",
     "OpOverload",
     "counters",
@@ -127,3 +132,22 @@ def route_forward(gm: fx.GraphModule, forward: Callable[..., Any]) -> Callable[.
     generated = cls.forward
     cls.forward = forward
     return generated
+
+
+# torch._check: a condition on (symbolic) sizes that torch.compile and torch.export keep
+# as a runtime assertion of the program instead of a guard or a graph break; documented
+# in the export guide, private by name (no public alias in torch 2.13).
+check = torch._check
+
+# torch._assert_async: an assertion on a tensor's value that does not synchronize with
+# the host (a device-side assert on GPUs) and that compiled and exported programs keep
+# (aten._assert_async.msg); how adapter_ids are range-checked without a sync.
+assert_async = torch._assert_async
+
+
+def is_dtensor(t: object) -> bool:
+    """Is ``t`` a ``torch.distributed.tensor.DTensor`` (public, but importing
+    ``torch.distributed.tensor`` on every call is not free: the class is looked up once
+    it is loaded)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Optional
+from typing import Any, Optional
 
 from torch import fx, nn
 
-__all__ = ["copy_module_tree", "copy_graph"]
+__all__ = ["copy_module_tree", "copy_graph", "own_parameters"]
 
 
 def _container_names() -> tuple[str, ...]:
@@ -37,12 +37,25 @@ def copy_graph(graph: fx.Graph) -> fx.Graph:
         return copy.deepcopy(graph)
 
 
+def _kinds(cls: type) -> tuple[type, list[tuple[Any, str]]]:
+    """The class under the module form's subclasses (``_onelora_base``), and the
+    subclasses over it, innermost first, as ``(rebuild, kind)``."""
+    layers = []
+    while "_onelora_base" in vars(cls):
+        layers.append((vars(cls)["_onelora_rebuild"], vars(cls)["_onelora_kind"]))
+        cls = vars(cls)["_onelora_base"]
+    return cls, layers[::-1]
+
+
 def _twin(module: nn.Module) -> nn.Module:
     """A shallow copy of one module with containers of its own."""
     if isinstance(module, fx.GraphModule):
         # Each GraphModule instance has a class of its own that holds its compiled
-        # forward; the twin needs a new one, and a graph of its own to compile.
-        twin = fx.GraphModule.__new__(type(module))
+        # forward; the twin needs a new one, and a graph of its own to compile. A
+        # GraphModule adapted in the module form has subclasses over that class: the
+        # twin gets the same kinds of subclasses over its own.
+        plain, layers = _kinds(type(module))
+        twin = fx.GraphModule.__new__(plain)
     else:
         twin = type(module).__new__(type(module))
     twin.__dict__ = dict(module.__dict__)
@@ -54,6 +67,8 @@ def _twin(module: nn.Module) -> nn.Module:
         type(twin).__name__ = type(module).__name__  # the model's class name, as GraphModule gives it
         twin.meta = dict(module.meta)
         twin.graph = copy_graph(module.graph)  # sets owning_module and compiles forward
+        for rebuild, kind in layers:
+            twin.__class__ = rebuild(type(twin), kind)
     return twin
 
 
@@ -79,3 +94,24 @@ def copy_module_tree(root: nn.Module, _memo: Optional[dict[int, nn.Module]] = No
         if child is not None:
             twin._modules[name] = copy_module_tree(child, memo)
     return twin
+
+
+def own_parameters(root: nn.Module) -> None:
+    """Give ``root`` Parameter objects of its own that share the storage of the ones it
+    held (no weight memory; a tied weight stays one object).
+
+    An adapted module freezes its base weights, moves them (``to(dtype)``), wraps them
+    (FSDP): done on Parameter objects shared with the user's model, all of that would
+    change the model too. Only writes into the storage are shared (``merge(inplace=True)``,
+    an optimizer stepping the model). Parameter subclasses that carry state of their own
+    (bitsandbytes' quantized ``Params4bit``) stay shared: they are frozen weights.
+    """
+    memo: dict[int, nn.Parameter] = {}
+    for module in root.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in memo:
+                plain = type(p) is nn.Parameter or not issubclass(type(p), nn.Parameter)
+                memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad) if plain else p
+            module._parameters[name] = memo[id(p)]

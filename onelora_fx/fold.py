@@ -1,5 +1,10 @@
 """``W + b 1ᵀ`` in float32, cast back to the weight's dtype: the one fold.
 
+A ``DTensor`` weight (tensor parallelism) is folded shard by shard: ``b`` is placed as the
+weight's output dimension (:func:`onelora_fx.records.vector_placements`), so each rank
+folds its own rows with its own part of ``b``, and the result keeps the weight's
+placements.
+
 A weight ``[out, in]`` folds ``b[:, None]``; ``[in, out]`` folds ``b[None, :]``; expert
 weights ``[E, out, in]`` / ``[E, in, out]`` fold ``b[e]`` into each expert. The fold is
 computed a block of rows at a time (bounded float32 scratch for a bfloat16 weight), and
@@ -14,7 +19,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from .sites import Layout
+from .compat import is_dtensor
+from .records import Layout, vector_placements
 
 __all__ = ["fold", "fold_into", "check", "MergeError"]
 
@@ -47,6 +53,18 @@ def _blocks(weight: torch.Tensor, b: torch.Tensor, layout: Layout) -> Iterator[t
         yield weight[start : start + rows], _delta(part.to(weight.device), layout)
 
 
+def _local(weight: torch.Tensor, b: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """A DTensor weight's local shard and the matching local part of ``b``."""
+    from torch.distributed.tensor import distribute_tensor
+
+    want = vector_placements(weight, layout, tuple(b.shape))
+    if is_dtensor(b):
+        b = b if tuple(b.placements) == tuple(want) else b.redistribute(weight.device_mesh, want)
+    else:
+        b = distribute_tensor(b, weight.device_mesh, want, src_data_rank=None)
+    return weight.to_local(), b.to_local()
+
+
 def fold(weight: torch.Tensor, b: torch.Tensor, layout: Layout) -> torch.Tensor:
     """``W + b 1ᵀ`` in float32, cast back to ``weight``'s dtype (a new tensor).
 
@@ -55,6 +73,12 @@ def fold(weight: torch.Tensor, b: torch.Tensor, layout: Layout) -> torch.Tensor:
         tensor([[1., 1., 1.],
                 [2., 2., 2.]])
     """
+    if is_dtensor(weight):
+        from torch.distributed.tensor import DTensor
+
+        local, part = _local(weight.detach(), b, layout)
+        return DTensor.from_local(fold(local, part, layout), weight.device_mesh, weight.placements, run_check=False,
+                                  shape=weight.shape, stride=weight.stride())
     out = torch.empty_like(weight)
     with torch.no_grad():
         for (block, delta), (target, _) in zip(_blocks(weight.detach(), b, layout), _blocks(out, b, layout)):
@@ -64,6 +88,10 @@ def fold(weight: torch.Tensor, b: torch.Tensor, layout: Layout) -> torch.Tensor:
 
 def fold_into(weight: torch.Tensor, b: torch.Tensor, layout: Layout) -> None:
     """:func:`fold` written into ``weight`` itself (no new weight memory)."""
+    if is_dtensor(weight):  # the local tensor is the DTensor's own storage
+        local, part = _local(weight.detach(), b, layout)
+        fold_into(local, part, layout)
+        return
     with torch.no_grad():
         for block, delta in _blocks(weight, b, layout):
             if block.dtype == torch.float32:
@@ -73,14 +101,25 @@ def fold_into(weight: torch.Tensor, b: torch.Tensor, layout: Layout) -> None:
 
 
 def check(weight: torch.Tensor, b: torch.Tensor, layout: Layout, name: str) -> Optional[str]:
-    """Why folding ``b`` into ``weight`` must not happen (None when it may)."""
+    """Why folding ``b`` into ``weight`` must not happen (None when it may): a weight on
+    the meta device, one that is not a plain floating tensor, a non-finite ``b``, or a
+    fold that is not finite in the weight's dtype (``3e38 + 3e38`` in float32 too)."""
     if b.device.type == "meta" or weight.device.type == "meta":
         return f"{name} is on the meta device: load real weights before merging"
+    if is_dtensor(weight):  # each rank checks its shard; every rank learns whether any failed
+        local, part = _local(weight.detach(), b, layout)
+        problem = check(local, part, layout, name)
+        failed = torch.tensor([problem is not None], dtype=torch.int32, device=local.device)
+        torch.distributed.all_reduce(failed)
+        return problem or (f"folding {name} fails on another rank" if failed.item() else None)
+    if type(weight) not in (torch.Tensor, torch.nn.Parameter) or not weight.is_floating_point():
+        return (f"{name}'s weight is a {type(weight).__name__} of {weight.dtype}, not a floating tensor: "
+                "W + b 1ᵀ has no such weight to go into")
     if not torch.isfinite(b).all():
         return f"{name} has non-finite values"
-    if torch.finfo(weight.dtype).max >= 1e38:
-        return None  # float32 / bfloat16 hold any finite float32 sum of finite values
     for block, delta in _blocks(weight.detach(), b, layout):
-        if not torch.isfinite((block.to(torch.float32) + delta).to(weight.dtype)).all():
-            return f"folding {name} overflows {weight.dtype}"
+        folded = (block.to(torch.float32) + delta).to(weight.dtype)
+        if not torch.isfinite(folded).all():
+            bad = torch.isfinite(block).all()
+            return f"folding {name} overflows {weight.dtype}" if bad else f"{name}'s weight itself is not finite"
     return None

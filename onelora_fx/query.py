@@ -1,54 +1,74 @@
-"""Questions about an adapted module, answered from its structure (never from names).
+"""Questions about an adapted module, answered from its adapter state (never from names,
+never by finding the sites again).
 
 The passes above this one (merge, export, adapter files, summaries, stacks) ask these;
-each question is answered by the module's form (see :mod:`onelora_fx.forms`).
+the site records come from the form ``transform`` recorded (see :mod:`onelora_fx.forms`).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from torch import nn
+from torch import fx, nn
 
+from . import ops
 from .forms import form_of
-from .sites import LinearSite
+from .forms.module.layers import is_adapted_layer
+from .records import LinearSite
 from .state import get_state
 
 __all__ = ["is_adapted", "adapted_sites", "adapter_parameters"]
 
+_ADAPTER_OPS = (ops.linear, ops.linear_rows, ops.expert_term)
+
 
 def adapted_sites(module: nn.Module) -> list[LinearSite]:
     """Every site of an adapted module; ``selected`` (and ``adapted``) mark those that
-    carry a 1LoRA vector.
+    carry a 1LoRA vector. Empty for a module that is not adapted.
 
     Example:
         >>> gm = transform(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), "all")  # doctest: +SKIP
         >>> [s.name for s in adapted_sites(gm) if s.adapted]                         # doctest: +SKIP
         ['0', '1']
     """
-    return [replace(s, selected=s.adapted) for s in form_of(module).sites(module)]
+    form = form_of(module)
+    return [] if form is None else [replace(s, selected=s.adapted) for s in form.sites(module)]
+
+
+def _carries_adapter(module: nn.Module) -> bool:
+    """A module tree holding adapted layers or adapter nodes without a state (one that
+    lost it): never adapt such a module again."""
+    for m in module.modules():
+        if is_adapted_layer(m):
+            return True
+        graph = m.__dict__.get("_graph")
+        if isinstance(graph, fx.Graph) and any(n.op == "call_function" and n.target in _ADAPTER_OPS for n in graph.nodes):
+            return True
+    return False
 
 
 def is_adapted(module: nn.Module) -> bool:
-    """Does ``module`` carry 1LoRA vectors (graph nodes or adapted layers)?"""
-    return get_state(module) is not None or any(s.adapted for s in form_of(module).sites(module))
+    """Does ``module`` carry 1LoRA vectors (an adapter state, adapted layers or nodes)?
+
+    Example:
+        >>> is_adapted(nn.Linear(2, 2))
+        False
+    """
+    return get_state(module) is not None or _carries_adapter(module)
 
 
 def adapter_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
     """Every trained tensor of an adapted module: the ``b`` vectors, then ``train`` extras.
 
-    Found from the structure (the adapted sites and the recorded extras), never by name.
+    Read from the adapter state (the vectors and extras ``transform`` recorded), never
+    found by name.
 
     Example:
         >>> gm = transform(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), "all")  # doctest: +SKIP
         >>> list(adapter_parameters(gm))                                             # doctest: +SKIP
         ['0.onelora_b', '1.onelora_b']
     """
-    out: dict[str, nn.Parameter] = {}
-    for s in form_of(module).sites(module):
-        if s.adapted and s.adapter_name not in out:
-            out[s.adapter_name] = module.get_parameter(s.adapter_name)
     state = get_state(module)
-    for name in state.extras if state else ():
-        out[name] = module.get_parameter(name)
-    return out
+    if state is None:
+        return {}
+    return {name: module.get_parameter(name) for name in (*state.vectors, *state.extras)}

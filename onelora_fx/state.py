@@ -1,8 +1,11 @@
-"""What an adapted module remembers about its adaptation (beyond its graph and params).
+"""What an adapted module remembers about its adaptation: the form ``transform`` chose,
+the record of every site, the vectors, the trained extras.
 
-Kept in ``gm.meta`` for GraphModules (survives ``copy.deepcopy``) and as an attribute of
-the module form's root. Everything here is optional: a pickled GraphModule loses
-``meta``, and every pass still works from the graph (or the adapted layers) alone.
+This is the one place later stages learn what they work on: :func:`onelora_fx.forms.form_of`
+reads the form from here (never from the module's type), and the queries, merge, adapter
+files and stacks read the site records (never finding the sites again). It is kept in
+the module's ``__dict__`` (it survives ``pickle``) and, for a GraphModule, in ``gm.meta``
+too (which ``copy.deepcopy`` keeps and ``pickle`` drops).
 """
 
 from __future__ import annotations
@@ -14,9 +17,30 @@ from typing import Any, Optional
 import torch
 from torch import fx, nn
 
-__all__ = ["AdapterState", "Extra", "get_state", "set_state"]
+__all__ = ["AdapterState", "AlreadyAdaptedError", "Capture", "Extra", "get_state", "set_state"]
 
 _KEY = "onelora"
+
+
+class Capture(str, enum.Enum):
+    """How a model is (or was) captured."""
+
+    AUTO = "auto"
+    FX = "fx"
+    EXPORT = "export"
+    #: no graph: the model's own class, its layers adapted (the module form)
+    MODULE = "module"
+
+    @classmethod
+    def parse(cls, value: Any) -> "Capture":
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"capture={value!r} is not one of {', '.join(repr(c.value) for c in cls)}") from None
+
+
+class AlreadyAdaptedError(ValueError):
+    """The module already carries 1LoRA vectors; adapting again would stack them."""
 
 
 class Extra(str, enum.Enum):
@@ -35,7 +59,7 @@ class Extra(str, enum.Enum):
 class AdapterState:
     #: the pattern the adapter was made with, as text
     pattern: str
-    #: how the model was captured (``fx``, ``export`` or ``module``)
+    #: how the model was captured (``fx``, ``export`` or ``module``): the form
     method: str
     train: tuple[Extra, ...] = ()
     #: trained extras: name in the adapted module -> the model's tensor it was copied
@@ -45,32 +69,54 @@ class AdapterState:
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     #: the model it was made from (merge in place unties a tied head there too)
     model: Optional[Any] = None
-    #: every site of the model, as found at transform (the module form's record)
+    #: every site of the model, as found at transform: records without graph nodes or
+    #: tensors (:meth:`onelora_fx.records.LinearSite.record`); ``adapted`` marks those
+    #: with a vector
     sites: tuple = ()
     #: the names of the 1LoRA vectors
     vectors: tuple[str, ...] = ()
     #: a stack (``ol.stack``): the names of its adapters, in ``adapter_ids`` order
     stack: tuple[str, ...] = ()
+    #: every weight of the model and what reads it
+    #: (:class:`onelora_fx.analysis.accounting.Accounting`): the summary's weight
+    #: classes, and merge's question "does anything else read this weight?"
+    accounting: Any = None
+
+    @property
+    def capture(self) -> Capture:
+        return Capture(self.method)
 
     def __deepcopy__(self, memo: dict) -> "AdapterState":
         # the model and the originals are the model's: a copy of the adapted module
         # still comes from that model (its tensors are never copied)
         return replace(self, extras=dict(self.extras), buffers=dict(self.buffers))
 
+    def __getstate__(self) -> dict:
+        # a pickled module is a module of its own: it keeps what it is (form, sites,
+        # vectors), not the model it was made from in this process
+        return {**self.__dict__, "model": None, "extras": {k: None for k in self.extras}, "buffers": {}}
+
+
+_ATTR = "_onelora_state"
+
 
 def get_state(module: nn.Module) -> Optional[AdapterState]:
-    if isinstance(module, fx.GraphModule):
-        return module.meta.get(_KEY)
-    return module.__dict__.get("_onelora_state")
+    """The adapter state of an adapted module, or None."""
+    state = module.__dict__.get(_ATTR)
+    if state is None:
+        meta = module.__dict__.get("meta")
+        state = meta.get(_KEY) if isinstance(meta, dict) else None
+    return state
 
 
 def set_state(module: nn.Module, state: Optional[AdapterState]) -> None:
+    """Record (or with None, forget) the adapter state of ``module``."""
+    meta = module.__dict__.get("meta")
+    if state is None:
+        module.__dict__.pop(_ATTR, None)
+        if isinstance(meta, dict):
+            meta.pop(_KEY, None)
+        return
+    module.__dict__[_ATTR] = state
     if isinstance(module, fx.GraphModule):
-        if state is None:
-            module.meta.pop(_KEY, None)
-        else:
-            module.meta[_KEY] = state
-    elif state is None:
-        module.__dict__.pop("_onelora_state", None)
-    else:
-        module.__dict__["_onelora_state"] = state
+        meta[_KEY] = state

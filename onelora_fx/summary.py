@@ -7,11 +7,12 @@ from typing import Sequence
 from tabulate import tabulate
 from torch import nn
 
-from .sites import LinearSite
+from .analysis.accounting import Accounting
+from .records import LinearSite
 from .state import get_state
 from .query import adapted_sites
 
-__all__ = ["summary", "site_table", "parameter_counts"]
+__all__ = ["summary", "site_table", "parameter_counts", "weight_lines"]
 
 
 def parameter_counts(module: nn.Module) -> tuple[int, int]:
@@ -48,6 +49,19 @@ def site_table(sites: Sequence[LinearSite], *, tablefmt: str = "simple") -> str:
     return tabulate(rows, headers=headers, tablefmt=tablefmt, colalign=("left",) * len(headers))
 
 
+def weight_lines(accounting: Accounting, sites: Sequence[LinearSite]) -> list[str]:
+    """The weight accounting in words: how many weights (and parameters) are in each
+    class, naming the unadapted ones."""
+    classes = accounting.classify(sites)
+    total = max(1, sum(accounting.sizes.values()))
+    parts = [f"{n} {cls} ({100 * size / total:.1f}%)" for cls, n, size in accounting.summary(classes)]
+    lines = [f"weights (>= 2-D, {len(classes)}): " + ", ".join(parts)]
+    unadapted = accounting.unadapted()
+    if unadapted:
+        lines.append("unadapted: " + ", ".join(f"{name} ({op})" for name, op in unadapted.items()))
+    return lines
+
+
 def summary(gm: nn.Module, *, tablefmt: str = "simple") -> str:
     """The adapted sites and trainable / total parameters of an adapted module.
 
@@ -68,4 +82,6 @@ def summary(gm: nn.Module, *, tablefmt: str = "simple") -> str:
     ]
     if state and state.train:
         lines.append("also trained: " + ", ".join(e.value for e in state.train))
+    if state is not None and state.accounting is not None:  # before the two lines most read last
+        lines[2:2] = weight_lines(state.accounting, found)
     return "\n".join(lines)

@@ -11,23 +11,25 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from dataclasses import replace
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .capture import Capture, CaptureError, first_line, why_export_failed
-from .coverage import warn_unadapted
-from .forms import Captured, GraphForm, ModuleForm, form_of
-from .loading import install as install_load_hook
-from .norms import NEAR_UNIFORM_CV
-from .patterns import Pattern, compile_pattern, describe, select
+from .forms.graph.capture import CaptureError, first_line, mode_warning, why_export_failed
+from .analysis.accounting import Accounting, warn_unadapted
+from .forms import Captured, Form, GraphForm, ModuleForm
+from .forms.base import refuse_adapter_ids
+from .forms.module.form import has_quantized
+from .forms.materialize import install as install_load_hook
+from .analysis.norms import NEAR_UNIFORM_CV
+from .analysis.patterns import Pattern, compile_pattern, describe, select
 from .query import adapted_sites, is_adapted
-from .rewrite import AlreadyAdaptedError
-from .sites import LinearSite, join
-from .state import AdapterState, Extra, set_state
+from .records import LinearSite, join
+from .state import AdapterState, AlreadyAdaptedError, Capture, Extra, get_state, set_state
 
-__all__ = ["transform", "sites"]
+__all__ = ["transform", "sites", "inspect_sites"]
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +104,18 @@ def _check_model(model: Any) -> None:
         )
 
 
-def _take(model: nn.Module, args: tuple, kwargs: dict, method: Capture, dynamic: bool) -> Captured:
-    """The model in the form ``method`` asks for (``auto``: a graph when one works)."""
+def _take(model: nn.Module, args: tuple, kwargs: dict, method: Capture, dynamic: bool) -> tuple[Form, Captured]:
+    """The model in the form ``method`` asks for (``auto``: a graph when one works), and
+    that form: the one choice of form, made here once."""
     if method is Capture.MODULE:
-        return ModuleForm().capture(model, args, kwargs, dynamic, method)
+        return ModuleForm(), ModuleForm().capture(model, args, kwargs, dynamic, method)
+    if method is Capture.AUTO and has_quantized(model):
+        # a captured graph shows no linear call on a quantized weight (torchao's are
+        # decomposed into integer ops, bitsandbytes' do not export): the model's own class
+        log.info("%s holds quantized linears: adapting it in the module form", type(model).__name__)
+        return ModuleForm(), ModuleForm().capture(model, args, kwargs, dynamic, Capture.MODULE)
     try:
-        return GraphForm().capture(model, args, kwargs, dynamic, method)
+        return GraphForm(), GraphForm().capture(model, args, kwargs, dynamic, method)
     except CaptureError as e:
         if method is not Capture.AUTO:
             raise
@@ -118,7 +126,8 @@ def _take(model: nn.Module, args: tuple, kwargs: dict, method: Capture, dynamic:
             "numerics; generate() and save_pretrained() work).",
             stacklevel=3,
         )
-        return ModuleForm(failed=e).capture(model, args, kwargs, dynamic, Capture.MODULE)
+        form = ModuleForm(failed=e)
+        return form, form.capture(model, args, kwargs, dynamic, Capture.MODULE)
 
 
 def _warn_uniform_norms(chosen: Sequence[LinearSite]) -> None:
@@ -154,15 +163,32 @@ def sites(
         >>> [s.name for s in sites(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))) if s.selected]
         ['0']
     """
+    return inspect_sites(model_or_gm, pattern, exclude=exclude, example_inputs=example_inputs, example_kwargs=example_kwargs,
+                   capture=capture, stacklevel=3)[0]
+
+
+def inspect_sites(
+    model_or_gm: nn.Module,
+    pattern: Optional[Pattern] = None,
+    *,
+    exclude: Optional[Pattern] = None,
+    example_inputs: Optional[Sequence[Any]] = None,
+    example_kwargs: Optional[dict[str, Any]] = None,
+    capture: str = "auto",
+    stacklevel: int = 2,
+) -> tuple[list[LinearSite], Optional[Accounting]]:
+    """:func:`sites` and the weight accounting (what reads every weight), for
+    ``onelora-fx inspect``."""
     if not isinstance(model_or_gm, nn.Module):
         raise TypeError(f"sites() takes a torch.nn.Module, got {type(model_or_gm).__name__}")
     if is_adapted(model_or_gm):
+        state = get_state(model_or_gm)
         found = adapted_sites(model_or_gm)
-        return found if pattern is None else select(found, pattern, exclude)
+        return (found if pattern is None else select(found, pattern, exclude)), (state.accounting if state else None)
     method = Capture.parse(capture)
-    captured = _take(model_or_gm, tuple(example_inputs or ()), dict(example_kwargs or {}), method, True)
-    warn_unadapted(model_or_gm, captured.unadapted, stacklevel=2)
-    return select(captured.sites, "all-linear" if pattern is None else pattern, exclude)
+    _, captured = _take(model_or_gm, tuple(example_inputs or ()), dict(example_kwargs or {}), method, True)
+    warn_unadapted(model_or_gm, captured.accounting.unadapted(), stacklevel=stacklevel)
+    return select(captured.sites, "all-linear" if pattern is None else pattern, exclude), captured.accounting
 
 
 def transform(
@@ -214,7 +240,7 @@ def transform(
     method = Capture.parse(capture)
 
     start = time.perf_counter()
-    captured = _take(model, tuple(example_inputs or ()), dict(example_kwargs or {}), method, dynamic)
+    form, captured = _take(model, tuple(example_inputs or ()), dict(example_kwargs or {}), method, dynamic)
     root, found = captured.root, captured.sites
     log.info("captured %s (%s) in %.2fs: %d linear sites", type(model).__name__, captured.method.value,
              time.perf_counter() - start, len(found))
@@ -223,24 +249,26 @@ def transform(
             f"{type(model).__name__} has no linear sites (nn.Linear, F.linear, addmm / mm / matmul on a "
             "parameter, grouped expert matmuls); there is nothing for 1LoRA to adapt"
         )
-    warn_unadapted(model, captured.unadapted, stacklevel=2)
+    if captured.mode_note is not None:
+        warnings.warn(mode_warning(model, captured.mode_note), stacklevel=2)
+    warn_unadapted(model, captured.accounting.unadapted(), stacklevel=2)
     chosen = select(found, pattern, exclude)
     if Extra.NORM not in extras:  # trained norms stop being uniform
         _warn_uniform_norms(chosen)
     extra_names = _extra_names(root, model, chosen, extras)
 
     # Everything is checked: mutate.
-    form = form_of(root)
     vectors = form.adapt(root, chosen)
     trained = {id(b) for b in vectors.values()}
     for p in root.parameters():
         if id(p) not in trained:
             p.requires_grad_(False)
     originals = _train_copies(root, extra_names)
-    sites_record = tuple(chosen) if captured.method is Capture.MODULE else ()
+    records = tuple(replace(s.record(), adapted=s.selected) for s in chosen)
     set_state(root, AdapterState(describe(pattern), captured.method.value, extras, originals, captured.buffers,
-                                 model, sites_record, tuple(vectors)))
+                                 model, records, tuple(vectors), accounting=captured.accounting))
     install_load_hook(root)
+    root.register_forward_pre_hook(refuse_adapter_ids, with_kwargs=True)
     log.info("adapted %d sites (%d vectors, %d trainable parameters) in %.2fs", sum(s.selected for s in chosen),
              len(vectors), sum(p.numel() for p in root.parameters() if p.requires_grad), time.perf_counter() - start)
     return root

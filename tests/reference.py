@@ -80,7 +80,25 @@ def tolerance(dtype: torch.dtype) -> dict:
 
 def base_capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> torch.fx.GraphModule:
     """The un-adapted capture of ``model`` (what a merged graph must equal, op for op)."""
-    from onelora_fx.capture import Capture
+    from onelora_fx.state import Capture
     from onelora_fx.forms import GraphForm
 
     return GraphForm().capture(model, tuple(args), dict(kwargs or {}), True, Capture.AUTO).root
+
+
+def folded(model: nn.Module, gm: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` (eval mode) with ``W + b 1ᵀ`` of every adapted site of
+    ``gm`` written into its weights, in float64 then cast: ``W[i, :] += b[i]`` for an
+    ``[out, in]`` weight, ``W[:, j] += b[j]`` for ``[in, out]``, per expert for expert
+    weights. Written here, not taken from the library's merge."""
+    import onelora_fx as ol
+
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for s in ol.sites(gm):
+            if s.adapted and s.call_index == 0:
+                b = gm.get_parameter(s.adapter_name).detach().double()
+                w = ref.get_parameter(s.weight_name)
+                delta = b.unsqueeze(-1) if s.layout is ol.Layout.OUT_IN else b.unsqueeze(-2)
+                w.copy_((w.double() + delta).to(w.dtype))
+    return ref.eval()

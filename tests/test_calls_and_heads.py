@@ -109,7 +109,7 @@ def test_a_tied_head_merged_in_place_is_untied_in_the_model(tmp_path):
 
 
 def adapted_llama(example: dict):
-    from onelora_fx import zoo
+    from onelora_fx.tools import zoo
 
     torch.manual_seed(0)
     model, _, _ = zoo.llama()
@@ -134,7 +134,7 @@ def test_calls_the_example_did_not_show_are_captured_on_first_use(llama, caplog)
     tol = tolerance(torch.float32)
     calls = [dict(input_ids=IDS, attention_mask=mask), dict(input_ids=IDS, labels=labels),
              dict(input_ids=IDS, attention_mask=mask, labels=labels), dict(input_ids=IDS, attention_mask=None)]
-    with caplog.at_level("INFO", logger="onelora_fx.graph_module"):
+    with caplog.at_level("INFO", logger="onelora_fx.forms.graph.module"):
         for kwargs in calls:
             out, expected = gm(**kwargs), reference(**kwargs)
             torch.testing.assert_close(out.logits, expected.logits, rtol=tol["rtol"], atol=tol["atol"])

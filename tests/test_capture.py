@@ -130,11 +130,11 @@ def test_dynamic_false_pins_shapes_and_captures_other_shapes_on_first_use(caplog
     size = next(n for n in gm.graph.nodes if n.op == "placeholder").meta["val"].shape[0]
     assert isinstance(size, int) and size == 3, "dynamic=False: the graph is specialized to the example"
     x5 = torch.randn(5, 4)
-    with caplog.at_level("INFO", logger="onelora_fx.graph_module"):
+    with caplog.at_level("INFO", logger="onelora_fx.forms.graph.module"):
         assert torch.equal(gm(x5), model(x5))
     assert any("capturing a graph for a new call (input=Tensor[5, 4])" in r.message for r in caplog.records)
     gm = ol.transform(model, "all", capture="export", example_inputs=(x,))
-    with caplog.at_level("INFO", logger="onelora_fx.graph_module"):
+    with caplog.at_level("INFO", logger="onelora_fx.forms.graph.module"):
         caplog.clear()
         assert torch.equal(gm(x5), model(x5))
     assert not caplog.records, "dynamic=True: one graph serves every batch size"
@@ -161,6 +161,7 @@ print(json.dumps({"seconds": took, "grown_mb": grown, "adapted": sum(s.adapted f
 """
 
 
+@pytest.mark.slow
 def test_meta_llama_7b_dimensions():
     """A 7B-dimension LLaMA on meta is adapted without allocating its 27 GB of weights.
 

@@ -54,9 +54,10 @@ def test_bad_input_is_one_line(args, message):
     assert len(lines) == 1 and message in lines[0], r.stderr
 
 
+@pytest.mark.slow
 def test_quick_demo(tmp_path):
     pytest.importorskip("sklearn")
-    from onelora_fx import demo
+    from onelora_fx.tools import demo
 
     results = demo.run(quick=True, out_dir=tmp_path)
     onelora = results["methods"]["1LoRA + head (onelora_fx)"]
@@ -79,6 +80,7 @@ def build():
 """
 
 
+@pytest.mark.slow
 def test_console_script_imports_from_the_current_directory(tmp_path):
     (tmp_path / "mymod.py").write_text(MYMOD)
     script = Path(sys.executable).with_name("onelora-fx")

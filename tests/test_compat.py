@@ -49,4 +49,4 @@ def test_the_backend_is_registered_by_public_means():
     import onelora_fx  # noqa: F401
 
     assert "onelora" in torch.compiler.list_backends(exclude_tags=())
-    assert "_COMPILER_FNS" not in (PACKAGE / "backend.py").read_text()
+    assert "_COMPILER_FNS" not in (PACKAGE / "compile" / "backend.py").read_text()

@@ -136,9 +136,10 @@ def test_gradients_match_listing1(name, dtype, seed):
 def test_model_is_never_changed_and_shares_weights():
     model = MODULES["mlp"]()
     gm = ol.transform(model, "all")
-    # the base is the model's own tensors, frozen in both
-    assert gm.fc1.weight is model.fc1.weight
-    assert not model.fc1.weight.requires_grad
+    # the base is the model's own storage (no copy), frozen in the adapted module only:
+    # its Parameter objects are its own
+    assert gm.fc1.weight is not model.fc1.weight and gm.fc1.weight.data_ptr() == model.fc1.weight.data_ptr()
+    assert not gm.fc1.weight.requires_grad and model.fc1.weight.requires_grad
     # but the module tree is the adapted module's own
     assert not hasattr(model.fc1, "onelora_b")
     assert set(model.state_dict()) == {k for k in gm.state_dict() if not k.endswith("onelora_b")}
@@ -171,13 +172,13 @@ def test_train_extras():
         "inp.onelora_b", "block.onelora_b", "out.onelora_b",
         "inp.bias", "block.bias", "out.bias", "norm.weight", "norm.bias",
     }
-    # extras are trained on copies: the model keeps its values and stays frozen
+    # extras are trained on copies: the model keeps its values and its own requires_grad
     x = torch.randn(3, 8)
     opt = torch.optim.SGD([p for p in gm.parameters() if p.requires_grad], lr=1.0)
     gm(x).sum().backward()
     opt.step()
     assert not torch.equal(gm.norm.bias, model.norm.bias)
-    assert not model.norm.bias.requires_grad
+    assert model.norm.bias.requires_grad and all(p.requires_grad for p in model.parameters())
 
     head = ol.transform(MODULES["mlp"](), "all-linear", train="head")
     assert {n for n, p in head.named_parameters() if p.requires_grad} == {

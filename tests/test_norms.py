@@ -11,7 +11,7 @@ import torch
 import onelora_fx as ol
 
 transformers = pytest.importorskip("transformers")
-from onelora_fx import zoo  # noqa: E402
+from onelora_fx.tools import zoo  # noqa: E402
 
 VIT = {f"vit.layers.{i}.{p}": f"vit.layers.{i}.{n}" for i in range(2)
        for p, n in [("attention.q_proj", "layernorm_before"), ("attention.k_proj", "layernorm_before"),
@@ -42,8 +42,20 @@ def test_sites_fed_by_a_uniform_layernorm_are_flagged_and_counted(name, expected
     assert all(s.norm_scale_cv == 0.0 for s in found if s.norm)  # random init: gamma = 1
     assert len(warned) == 1 and f"{len(expected)} of {len(found)} selected sites" in warned[0]
     assert "train=('norm',)" in warned[0]
-    # what the flag means, measured: at those sites x.sum(-1) is the constant sum of beta (0 here)
     assert "LayerNorm (γ cv 0.000)" in ol.summary(gm)
+    # what the flag means, measured: at those sites x.sum(-1) is the constant sum of beta
+    # (0 here), tiny against the row's size, while a site not flagged sees a real sum
+    seen = {}
+    flagged, other = next(iter(expected)), next(s.name for s in found if not s.norm and not s.is_head)
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen.setdefault(n, i[0].detach()))
+             for n in (flagged, other)]
+    _, args, kwargs = zoo.build(name)
+    with torch.no_grad():
+        model.eval()(*args, **kwargs)
+    for h in hooks:
+        h.remove()
+    ratio = {n: (x.sum(-1).abs() / x.abs().sum(-1)).max().item() for n, x in seen.items()}
+    assert ratio[flagged] < 1e-5 < 1e-2 < ratio[other], ratio
 
 
 def test_no_warning_for_rmsnorm_or_a_scale_far_from_uniform_or_trained_norms():

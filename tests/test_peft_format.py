@@ -16,7 +16,7 @@ from reference import randomize_adapters, tolerance
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
-from onelora_fx import zoo  # noqa: E402
+from onelora_fx.tools import zoo  # noqa: E402
 
 TOL = tolerance(torch.float32)
 
@@ -52,7 +52,27 @@ def test_peft_loads_what_save_peft_writes(name, tmp_path):
         torch.testing.assert_close(v, ol.adapter_parameters(gm)[k])
 
 
-def test_trained_biases_and_norms_travel_as_peft_does_them(tmp_path):
+def test_trained_biases_travel_as_peft_bias_all(tmp_path):
+    """GPT-2's Conv1D layers have biases: trained with the vectors (BitFit + 1LoRA), they
+    are saved as PEFT's bias="all" saves them and PEFT computes what onelora_fx does."""
+    model, gm, kwargs = adapted("gpt2-tiny", train=("bias",))
+    trained = [n for n in ol.adapter_parameters(gm) if n.endswith(".bias")]
+    assert trained, "gpt2-tiny has biases"
+    with torch.no_grad():
+        for n in trained:
+            gm.get_parameter(n).add_(0.05)
+    expected = gm(**kwargs).logits
+    ol.save_peft(gm, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["bias"] == "all"
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path)).eval()
+    close(peft_model(**kwargs).logits, expected)
+    fresh = adapted("gpt2-tiny", train=("bias",))[1]
+    ol.load_peft(fresh, tmp_path)
+    for k, v in ol.adapter_parameters(fresh).items():
+        torch.testing.assert_close(v, ol.adapter_parameters(gm)[k])
+
+
+def test_trained_norms_travel_as_peft_modules_to_save(tmp_path):
     model, gm, kwargs = adapted("llama-tiny", train=("norm",))
     with torch.no_grad():
         gm.get_parameter("model.norm.weight").mul_(1.5)

@@ -28,6 +28,8 @@ RIVALS = ("bitfit", "difffit", "lora")
 ORDER = 10.0  # the explanation rule's factor (benchmarks/finetune/verdict.py)
 CLOSE = 0.02
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):

@@ -7,6 +7,8 @@ import io
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 NUMBER = re.compile(r"-?\d+\.\d+")
 
@@ -34,6 +36,7 @@ def same_up_to_float_noise(actual: str, expected: str) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_readme_python_blocks_run_and_print_what_they_claim():
     found = list(blocks())
     assert found, "README has no python blocks"

@@ -14,7 +14,7 @@ import onelora_fx as ol
 from reference import randomize_adapters, tolerance
 
 transformers = pytest.importorskip("transformers")
-from onelora_fx import zoo  # noqa: E402
+from onelora_fx.tools import zoo  # noqa: E402
 
 IDS = torch.randint(0, 100, (5, 8), generator=torch.Generator().manual_seed(0))
 ADAPTER_IDS = torch.tensor([2, -1, 0, 1, 2])

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import abc
+import inspect
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..capture import Capture
-from ..sites import LinearSite, join
+from ..state import Capture
+from ..analysis.accounting import Accounting
+from ..fold import MergeError
+from ..records import LinearSite, join
+from ..state import get_state
 
-__all__ = ["Form", "Captured", "Plan", "own_buffers"]
+__all__ = ["Form", "Captured", "Plan", "own_buffers", "plan_merge", "refuse_adapter_ids"]
 
 
 @dataclass
@@ -24,8 +28,10 @@ class Captured:
     sites: list[LinearSite]
     #: buffer name -> the model's tensor (the form holds a copy)
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
-    #: weights read by matmul-like ops that are not sites: name -> op
-    unadapted: dict[str, str] = field(default_factory=dict)
+    #: every weight and what reads it (see :mod:`onelora_fx.analysis.accounting`)
+    accounting: Accounting = field(default_factory=Accounting)
+    #: the model's training and eval traces differ and the eval one was kept: where
+    mode_note: Optional[str] = None
 
 
 @dataclass
@@ -93,3 +99,48 @@ def own_buffers(root: nn.Module) -> dict[str, torch.Tensor]:
             copies[id(buf)] = buf.clone()
         module._buffers[name] = copies[id(buf)]
     return originals
+
+
+def plan_merge(root: nn.Module, groups: dict[str, list[LinearSite]]) -> list[Plan]:
+    """One :class:`Plan` per adapted weight, from the weight accounting ``transform``
+    recorded (one readers analysis for both forms): a weight that something besides its
+    sites reads (a tied embedding lookup) is folded into a copy of its own, which needs
+    another name of the weight for that reader to keep; with one name only, merge is
+    refused before anything changes."""
+    state = get_state(root)
+    accounting = state.accounting if state is not None else None
+    names: dict[int, list[str]] = {}
+    for name, p in root.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    plans = []
+    for name, group in groups.items():
+        first = group[0]
+        aliases = names.get(id(first.weight), [first.weight_name])
+        others = accounting.others(first.weight_name) if accounting is not None else []
+        if others and len(aliases) < 2:
+            reader = others[0]
+            raise MergeError(
+                f"{first.weight_name} is read by the adapted linear ({first.name}) and by {reader.op}"
+                f"{f' ({reader.where})' if reader.where else ''} under one name: folding b into it would change "
+                "that reader too, and the linear cannot get a copy of its own without renaming the weight. "
+                "Nothing was merged. Leave this site out of the pattern (\"all-linear\" leaves the output "
+                "head out), or deploy the adapter unmerged."
+            )
+        plans.append(Plan(name, group, len(aliases) > 1 or bool(others)))
+    return plans
+
+
+def refuse_adapter_ids(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of an adapted module: ``adapter_ids`` belongs to stacks, and a
+    model that takes ``**kwargs`` would swallow it silently."""
+    state = get_state(module)
+    if "adapter_ids" in kwargs and state is not None and not state.stack:
+        model = state.model
+        forward = getattr(model, "forward", None)
+        try:
+            own = "adapter_ids" in inspect.signature(forward).parameters if forward is not None else False
+        except (TypeError, ValueError):
+            own = False
+        if not own:
+            raise ValueError("adapter_ids picks each batch item's adapter in a stack (ol.stack); this module holds one "
+                             "adapter: call it without adapter_ids, or stack adapters first")

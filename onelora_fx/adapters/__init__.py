@@ -1,0 +1,2 @@
+"""Adapters as files and as data: onelora_fx's own safetensors files (:mod:`.files`),
+the PEFT LoRA format (:mod:`.peft`), and many adapters in one batch (:mod:`.stack`)."""

@@ -1,0 +1,133 @@
+"""Patterns: every way to choose sites compiles to one predicate over LinearSite.
+
+A pattern is one of
+
+* ``"all-linear"``: every site but the model's output head (the paper's choice),
+* ``"all"``: every site, the head too,
+* any other string: a glob (``fnmatch``, ``*`` crosses dots) on :attr:`LinearSite.name`,
+  e.g. ``"*.q_proj"``, ``"encoder.layer.*.attention.*"``,
+* a compiled regex (``re.compile(...)``), matched with ``fullmatch`` on the name,
+* a callable ``LinearSite -> bool``,
+* a list or tuple of these (a site is chosen when any of them chooses it).
+
+There is exactly one meaning per type: a string is never a regex and a list is never a
+list of suffixes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import warnings
+from dataclasses import replace
+from typing import Callable, Sequence, Union
+
+from ..records import LinearSite
+from .sites import group_by_weight
+
+__all__ = ["Pattern", "PatternError", "compile_pattern", "describe", "select", "PRESETS"]
+
+Predicate = Callable[[LinearSite], bool]
+Pattern = Union[str, "re.Pattern[str]", Predicate, Sequence[Union[str, "re.Pattern[str]", Predicate]]]
+
+PRESETS: dict[str, Predicate] = {
+    "all-linear": lambda site: not site.is_head,
+    "all": lambda site: True,
+}
+
+
+class PatternError(ValueError):
+    """A pattern that is malformed or that selects nothing."""
+
+
+def compile_pattern(pattern: Pattern) -> Predicate:
+    """One predicate ``LinearSite -> bool`` for any pattern.
+
+    Example:
+        >>> pred = compile_pattern(["*.q_proj", re.compile(r".*\\.v_proj")])
+        >>> [s.name for s in sites if pred(s)]   # doctest: +SKIP
+        ['model.layers.0.self_attn.q_proj', 'model.layers.0.self_attn.v_proj', ...]
+    """
+    if isinstance(pattern, str):
+        if pattern in PRESETS:
+            return PRESETS[pattern]
+        glob = pattern
+        return lambda site: fnmatch.fnmatchcase(site.name, glob)
+    if isinstance(pattern, re.Pattern):
+        return lambda site: pattern.fullmatch(site.name) is not None
+    if isinstance(pattern, (list, tuple)):
+        if not pattern:
+            raise PatternError("an empty list of patterns selects nothing; pass 'all-linear' for the default")
+        preds = [compile_pattern(p) for p in pattern]
+        return lambda site: any(p(site) for p in preds)
+    if callable(pattern):
+        return lambda site: bool(pattern(site))
+    raise TypeError(
+        f"a pattern is a string (glob or 'all-linear' / 'all'), a re.Pattern, a callable "
+        f"LinearSite -> bool, or a list of these; got {type(pattern).__name__}: {pattern!r}"
+    )
+
+
+def describe(pattern: Pattern | None) -> str:
+    """A short text for a pattern, kept in adapter files and summaries."""
+    if pattern is None:
+        return "none"
+    if isinstance(pattern, str):
+        return pattern
+    if isinstance(pattern, re.Pattern):
+        return f"re:{pattern.pattern}"
+    if isinstance(pattern, (list, tuple)):
+        return "[" + ", ".join(describe(p) for p in pattern) + "]"
+    return f"callable:{getattr(pattern, '__qualname__', type(pattern).__name__)}"
+
+
+def available(sites: Sequence[LinearSite]) -> str:
+    """Site names with layer indices folded: ``model.layers.*.mlp.up_proj (x32)``."""
+    folded: dict[str, int] = {}
+    for site in sites:
+        if site.call_index:
+            continue
+        key = re.sub(r"(?<=\.)\d+(?=\.|$)", "*", site.name)
+        folded[key] = folded.get(key, 0) + 1
+    lines = [f"  {name}" + (f"  (x{n})" if n > 1 else "") for name, n in folded.items()]
+    heads = sorted({s.name for s in sites if s.is_head})
+    if heads:
+        lines.append(f"  output head (not in 'all-linear'): {', '.join(heads)}")
+    return "\n".join(lines)
+
+
+def select(sites: Sequence[LinearSite], pattern: Pattern, exclude: Pattern | None = None) -> list[LinearSite]:
+    """``sites`` with ``selected`` set by ``pattern`` minus ``exclude``.
+
+    Raises:
+        TypeError: a pattern of the wrong type.
+        PatternError: the selection is empty, or chooses some calls of a shared weight
+            but not others (its one ``b`` would then be half-applied).
+    """
+    include = compile_pattern(pattern)
+    chosen = [include(s) for s in sites]
+    if exclude is not None:
+        drop = compile_pattern(exclude)
+        dropped = [c and drop(s) for s, c in zip(sites, chosen)]
+        if not any(dropped):
+            warnings.warn(
+                f"exclude={describe(exclude)!r} removes nothing from pattern={describe(pattern)!r}",
+                stacklevel=3,
+            )
+        chosen = [c and not d for c, d in zip(chosen, dropped)]
+    if not any(chosen):
+        raise PatternError(
+            f"pattern={describe(pattern)!r}"
+            + (f" with exclude={describe(exclude)!r}" if exclude is not None else "")
+            + f" selects none of the {len(sites)} linear sites. Available:\n{available(sites)}"
+        )
+    out = [replace(s, selected=c) for s, c in zip(sites, chosen)]
+    for name, group in group_by_weight(out).items():
+        flags = {s.selected for s in group}
+        if len(flags) > 1:
+            calls = ", ".join(f"{s.name} (call {s.call_index}: {'in' if s.selected else 'out'})" for s in group)
+            raise PatternError(
+                f"the pattern selects some calls of a shared weight but not others: {calls}. "
+                f"1LoRA adds one vector per weight ({name}); select all its calls or none."
+            )
+    return out

@@ -1,0 +1,166 @@
+"""``merge``: constant-fold every ``b`` into its weight and drop the adapter.
+
+``W_ft = W + b 1ᵀ`` (see :mod:`onelora_fx.fold`), computed in float32, checked finite,
+cast back to the weight's dtype. In the graph form each 1LoRA node is replaced by the
+call it replaced, so the merged graph is op for op the un-adapted capture of the model
+and its state dict is the model's; in the module form each adapted layer gets its class
+back. Both are the form's :meth:`~onelora_fx.forms.Form.merge`.
+
+A weight that something else also uses (an ``lm_head`` tied to the input embedding) is
+given its own merged copy; the other users keep the original. With ``inplace=True`` the
+model is untied the same way (its head gets the merged copy, and a transformers config
+stops tying), so the model computes what the merged module computes.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from ..fold import MergeError, check
+from ..quant import dequantize
+from ..forms import Plan, form_of
+from ..query import adapted_sites
+from ..analysis.sites import group_by_weight
+from ..records import LinearSite
+from ..state import get_state, set_state
+
+__all__ = ["merge", "MergeError"]
+
+
+def _groups(found: list[LinearSite]) -> dict[str, list[LinearSite]]:
+    groups = group_by_weight(s for s in found if s.adapted)
+    if not groups:
+        raise MergeError("the module carries no 1LoRA vectors: nothing to merge (was it merged already?)")
+    return groups
+
+
+def _check(root: nn.Module, groups: dict[str, list[LinearSite]], inplace: bool) -> None:
+    for name, group in groups.items():
+        s = group[0]
+        weight = s.weight
+        if s.quantized:  # merge returns the full-precision weights of a quantized base
+            if inplace:
+                raise MergeError(
+                    f"{s.weight_name} is quantized ({s.quantized}): W + b 1ᵀ cannot be written into its quantized "
+                    "storage. ol.merge(gm) (inplace=False) returns the merged full-precision model; nothing was merged"
+                )
+            owner = root.get_submodule(s.owner) if s.owner else root
+            weight = dequantize(weight, owner, s.dtype)
+        problem = check(weight, root.get_parameter(name), s.layout, name)
+        if problem is not None:
+            raise MergeError(f"{problem} (site {s.name}); nothing was merged")
+
+
+def _set_param(root: nn.Module, name: str, value: nn.Parameter) -> None:
+    owner, _, leaf = name.rpartition(".")
+    (root.get_submodule(owner) if owner else root)._parameters[leaf] = value
+
+
+def _write_back(root: nn.Module) -> None:
+    """``inplace=True``: the model gets the trained extras and buffers too, and the
+    merged module shares them with it again."""
+    state = get_state(root)
+    if state is None:
+        return
+    with torch.no_grad():
+        for name, original in state.extras.items():
+            if original is None:  # a module unpickled in another process has no model to write to
+                continue
+            trained = root.get_parameter(name)
+            original.copy_(trained)
+            for alias in [n for n, p in root.named_parameters(remove_duplicate=False) if p is trained]:
+                _set_param(root, alias, original)
+        for name, original in state.buffers.items():
+            owner, _, leaf = name.rpartition(".")
+            module = root.get_submodule(owner) if owner else root
+            current = module._buffers.get(leaf)
+            if current is not None and current is not original:
+                original.copy_(current)
+                module._buffers[leaf] = original
+
+
+def _untie_config(model: nn.Module, root: nn.Module, untied: list[str]) -> list[str]:
+    """Stop a transformers model from tying its embeddings (one flag, for every tie the
+    model declares), keeping the ties other than ``untied`` as separate copies so that
+    ``save_pretrained`` / ``from_pretrained`` keep them too. Returns what it changed."""
+    config = getattr(model, "config", None)
+    expand = getattr(model, "get_expanded_tied_weights_keys", None)
+    if not getattr(config, "tie_word_embeddings", False) or not callable(expand):
+        return []
+    changed = []
+    for target, source in expand(all_submodels=True).items():
+        if target in untied:
+            continue
+        shared = model.get_parameter(target)
+        if shared is model.get_parameter(source):  # the flag going off would drop this tie
+            copy = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+            for module in (model, root):
+                if target in dict(module.named_parameters(remove_duplicate=False)):
+                    _set_param(module, target, copy)
+            changed.append(f"{target} (now a copy of {source})")
+    for cfg in [config, *[c for c in [getattr(config, "get_text_config", lambda: None)()] if c is not None and c is not config]]:
+        if getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
+    return [f"{type(config).__name__}.tie_word_embeddings is now False", *changed]
+
+
+def _untie(root: nn.Module, plans: list[Plan]) -> None:
+    """``inplace=True`` with a tied weight: the merged copy goes into the model too, so
+    that the model computes what the merged module computes, also after
+    ``save_pretrained`` / ``from_pretrained``."""
+    state = get_state(root)
+    model = state.model if state is not None else None
+    untied = [plan.sites[0].weight_name for plan in plans if plan.own_copy]
+    if not untied:
+        return
+    changes: list[str] = []
+    if model is not None:
+        for name in untied:
+            _set_param(model, name, root.get_parameter(name))
+        changes = _untie_config(model, root, untied)
+    warnings.warn(
+        f"{', '.join(untied)} was tied to another weight: it now holds its own merged copy, in the merged "
+        "module" + (" and in the model" if model is not None else "") + ", and the other reader keeps "
+        "the original" + (f"; {'; '.join(changes)}" if changes else ""),
+        stacklevel=3,
+    )
+
+
+def merge(gm: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Fold every 1LoRA vector into its weight; the result has no adapter left.
+
+    ``inplace=False`` (default) returns a new module and changes neither ``gm`` nor the
+    model it came from; only the folded weights are new tensors. ``inplace=True`` writes
+    the folded weights into the base tensors that ``gm`` shares with the model (no new
+    weight memory), writes trained extras and buffers back into the model, and turns
+    ``gm`` itself into the merged module: the model then holds the fine-tuned weights
+    (``model.generate(...)``, ``model.save_pretrained(...)`` as usual).
+
+    Example:
+        >>> gm = ol.transform(model)                   # doctest: +SKIP
+        >>> deployed = ol.merge(gm)                    # same graph as the base model   # doctest: +SKIP
+        >>> ol.merge(gm, inplace=True)                 # model now holds W + b 1ᵀ       # doctest: +SKIP
+
+    Raises:
+        MergeError: nothing is adapted, a ``b`` is not finite, or a fold overflows the
+            weight's dtype. Nothing is changed then.
+    """
+    if not isinstance(gm, nn.Module):
+        raise TypeError(f"merge() takes an adapted module, got {type(gm).__name__}")
+    form = form_of(gm)
+    state = get_state(gm)
+    if state is not None and state.stack:
+        raise MergeError(f"a stack of {len(state.stack)} adapters has no single set of merged weights: write one "
+                         "adapter out (ol.unstack), load it into a single-adapter module and merge that")
+    _check(gm, _groups(adapted_sites(gm)), inplace)  # before anything is copied or changed
+    target = gm if inplace else form.copy(gm)
+    plans = form.plan(target, _groups(adapted_sites(target)))
+    form.merge(target, plans, inplace)
+    if inplace:
+        _write_back(target)
+        _untie(target, plans)
+    set_state(target, None)
+    return target

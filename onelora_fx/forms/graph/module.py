@@ -1,0 +1,437 @@
+"""CapturedModule: the graph form's module, called exactly like the model it came from.
+
+A ``torch.fx.GraphModule`` whose module tree is its own (fresh containers, the model's
+tensors, copies of the buffers) and which keeps the model it was captured from, so that
+it can capture the model again when a graph no longer fits:
+
+* **Calls.** An export graph serves one call structure (see :mod:`.calls`). A call the
+  captured graphs do not serve (another keyword, a ``None``, a flag, a size-1 dimension
+  that was specialized, a shape guard of the graph that fails, a call under
+  ``torch.autocast``) is captured on first use as another graph over the same tensors
+  and adapted with the same vectors; one log line per new signature.
+* **Moves.** A capture bakes in what it saw: device and dtype constants, and the Python
+  branches the model took for that device and dtype (transformers' MoE code picks a
+  ``histc`` input dtype by device; ``.to(torch.float32)`` is recorded as an assertion
+  that the value already is). So a move to another device or dtype (``to``, ``cuda``,
+  ``bfloat16``, ``to_empty`` from ``meta``) captures the model again, after the move, on
+  the moved tensors (export never reads their values: garbage after ``to_empty`` is
+  fine), and drops every other graph (each is captured again on first use). If that
+  capture fails, :class:`MoveError` says why; the module has moved but runs no old graph
+  (each call tries the capture again). ``to_empty`` from ``meta`` also zeroes the 1LoRA
+  vectors and rebuilds non-persistent buffers (:mod:`onelora_fx.forms.materialize`).
+
+``symbolic_trace`` graphs need none of this: they take the model's calls as they are
+and hold no device or dtype constants.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any, Callable, Optional
+
+import torch
+from torch import fx, nn
+
+from .calls import CallGraph, Signature, autocast_state
+from ...state import Capture
+from .capture import CaptureError, SharedView, Traced, first_line, trace
+from ...compat import GUARDS_PREFIX, pytree, route_forward, set_flat_codegen
+from ...copying import copy_module_tree
+from ..materialize import after_move
+from .modes import FollowTrainEval
+from .passes import finalize
+from .rewrite import IDS, STACK, adapt_like
+from ...records import join, resolve_attr
+from ...state import get_state
+
+__all__ = ["CapturedModule", "Source", "MoveError"]
+
+log = logging.getLogger(__name__)
+
+_SOURCE = "onelora_source"
+_PRIMARY = "onelora_primary"
+_MORE = "_onelora_calls"  # graphs captured on first use (a cache: copies start without them)
+_STALE = "_onelora_stale"  # moved since the primary graph was captured, and not captured again yet
+
+
+class GuardFailed(AssertionError):
+    """A captured graph's shape guards do not hold for a call: another graph serves it."""
+
+
+class _Guards(nn.Module):
+    """Export's guard function for a graph (``_guards_fn``), telling a guard that fails
+    (the call needs another graph) from any other error."""
+
+    #: its call returns nothing and must never be removed as dead code
+    _is_impure = True
+
+    def __init__(self, guards: nn.Module):
+        super().__init__()
+        self.guards = guards
+
+    def forward(self, *args: Any) -> Any:
+        try:
+            return self.guards(*args)
+        except AssertionError as e:
+            raise GuardFailed(str(e)) from e
+
+
+def _wrap_guards(root: nn.Module, graph: fx.Graph, source: nn.Module) -> None:
+    """Give each guard call of ``graph`` (a submodule of ``source``) a :class:`_Guards`
+    of its own in ``root``."""
+    for node in graph.nodes:
+        if node.op == "call_module" and str(node.target).startswith(GUARDS_PREFIX):
+            guards = source.get_submodule(str(node.target))
+            if isinstance(guards, _Guards):
+                continue
+            name = str(node.target) if root is source else _free_name(root, GUARDS_PREFIX)
+            if root is source:
+                root._modules[name] = _Guards(guards)
+            else:
+                root.add_submodule(name, _Guards(guards))
+            node.target = name
+
+
+class MoveError(RuntimeError):
+    """A device or dtype move of a captured module that cannot be made."""
+
+
+class Source:
+    """The model a graph was captured from, and how: what a new capture needs.
+
+    Shared, never copied: every copy of a captured module captures from one model.
+    """
+
+    def __init__(self, model: nn.Module, method: Capture, dynamic: bool):
+        self.model = model
+        self.method = method
+        self.dynamic = dynamic
+        self.signature = Signature(model.forward)
+
+    def __deepcopy__(self, memo: dict) -> "Source":
+        return self
+
+
+def _tensors(root: nn.Module) -> dict[str, torch.Tensor]:
+    out = dict(root.named_parameters(remove_duplicate=False))
+    out.update(root.named_buffers(remove_duplicate=False))
+    return out
+
+
+def _set_tensor(module: nn.Module, fqn: str, value: torch.Tensor) -> None:
+    owner, _, leaf = fqn.rpartition(".")
+    m = module.get_submodule(owner) if owner else module
+    if leaf in m._parameters:
+        m._parameters[leaf] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
+    else:
+        m._buffers[leaf] = value
+
+
+def _compile(root: nn.Module, graph: fx.Graph) -> Callable[..., Any]:
+    """``forward(self, *leaves)`` for ``graph``, reading its attributes from ``self``."""
+    return type(fx.GraphModule(root, graph)).forward
+
+
+class CapturedModule(fx.GraphModule):
+    """A captured graph that is called like the model and moves like it."""
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def build(cls, model: nn.Module, traced: Traced, dynamic: bool) -> "CapturedModule":
+        """The module for a first capture of ``model``: its own module tree over the
+        model's tensors, its own buffers, the graph following ``train()`` / ``eval()``."""
+        root = cls(traced.module, traced.module.graph, class_name=type(model).__name__)
+        memo: dict[int, nn.Module] = {}
+        for name, child in list(root._modules.items()):
+            if child is not None:
+                root._modules[name] = copy_module_tree(child, memo)
+        _keep_non_persistent(model, root)
+        root.meta[_SOURCE] = Source(model, traced.method, dynamic)
+        if traced.method is Capture.EXPORT:
+            root.meta[_PRIMARY] = CallGraph.of(traced.args, traced.kwargs or {}, traced.in_spec, traced.out_spec, dynamic)
+            set_flat_codegen(root.graph)
+            _wrap_guards(root, root.graph, root)
+        FollowTrainEval()(root)
+        finalize(root)
+        root.train(model.training)
+        return root
+
+    @property
+    def source(self) -> Optional[Source]:
+        return self.__dict__.get("meta", {}).get(_SOURCE)
+
+    def recompile(self):  # type: ignore[override]
+        code = super().recompile()
+        # every call goes through _call, which picks the graph that serves it
+        type(self)._onelora_graph_forward = route_forward(self, _make_forward(self))
+        return code
+
+    def __reduce__(self):
+        source = self.source
+        if source is not None and source.method is Capture.EXPORT:
+            raise TypeError(
+                "a module captured with torch.export cannot be pickled (its graph holds export's "
+                "guard functions); save gm.state_dict() or the adapter (ol.save_adapter) and "
+                "build it again with ol.transform"
+            )
+        return super().__reduce__()
+
+    def as_plain_module(self) -> nn.Module:
+        """This module as a plain ``nn.Module`` (same containers, same names, called the
+        same way): what ``torch.export`` must be given, because it runs any GraphModule's
+        graph directly with the call's values in order, bypassing the call handling."""
+        signature = getattr(type(self).forward, "__signature__", None)
+        if signature is not None:
+            params = list(signature.parameters.values())[1:]  # no self
+            if self.meta.get(STACK):  # a stack takes one more keyword
+                params.insert(next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params)),
+                              inspect.Parameter(IDS, inspect.Parameter.KEYWORD_ONLY))
+            signature = signature.replace(parameters=params)
+        return SharedView(self, lambda *args, **kwargs: self._call(args, kwargs), signature)
+
+    # ------------------------------------------------------------------ calls
+
+    @staticmethod
+    def forget_calls(root: nn.Module) -> None:
+        """Drop the graphs captured on first use (after the adaptation changed): each is
+        captured again, as ``root`` is now, when its call comes."""
+        root.__dict__.pop(_MORE, None)
+
+    def _call(self, args: tuple, kwargs: dict) -> Any:
+        # a stack's graphs take each batch item's adapter as one more (last) input
+        extra = {IDS: kwargs.pop(IDS, None)} if self.meta.get(STACK) else {}
+        primary: Optional[CallGraph] = self.meta.get(_PRIMARY)
+        if primary is None:  # symbolic_trace: the graph takes calls as the model does
+            return type(self)._onelora_graph_forward(self, *args, **kwargs, **extra)
+        if self.__dict__.get(_STALE):
+            self._refresh()
+            primary = self.meta[_PRIMARY]
+        args, kwargs = self.source.signature.canonical(args, kwargs)
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        flat = [*leaves, *extra.values()]
+        mode = autocast_state()
+        runs = [(primary, type(self)._onelora_graph_forward), *((c, c.forward) for c in self.__dict__.get(_MORE, ()))]
+        compiling = torch.compiler.is_compiling()
+        # while torch.compile traces, nothing can be captured: a graph captured for the
+        # call under autocast if there is one, else the one captured without (Dynamo
+        # applies autocast to what it traces)
+        modes = (mode, ()) if compiling and mode else (mode,)
+        for wanted in modes:
+            for call, forward in runs:
+                if call.accepts(spec, leaves, wanted):
+                    try:
+                        return call.unflatten(forward(self, *flat))
+                    except GuardFailed:  # its shape guards do not hold: another graph serves this call
+                        continue
+        if compiling:
+            raise CaptureError(
+                f"{type(self.source.model).__name__} was called inside torch.compile in a way no captured graph serves "
+                "(another keyword, None-ness or a specialized size): call it once that way outside torch.compile "
+                "first, so that its graph is captured", {})
+        call = self._capture_call(args, kwargs)
+        return call.unflatten(call.forward(self, *flat))
+
+    def _capture_call(self, args: tuple, kwargs: dict) -> CallGraph:
+        source = self.source
+        shown = ", ".join(f"{k}={_show(v)}" for k, v in kwargs.items())
+        log.info("%s: capturing a graph for a new call (%s)", type(source.model).__name__, shown)
+        try:
+            traced = trace(self.shadow(), args, kwargs, Capture.EXPORT, source.dynamic)
+        except CaptureError as e:
+            raise CaptureError(
+                f"{type(source.model).__name__} was called as ({shown}), unlike the calls captured so far, "
+                f"and that call cannot be captured: {why(e)}. Call it as in the example, or adapt it "
+                "with capture='module'.",
+                e.reasons,
+            ) from e
+        graph = self._adopt(traced)
+        call = CallGraph.of(args, kwargs, traced.in_spec, traced.out_spec, source.dynamic, graph=graph,
+                            forward=_compile(self, graph), autocast=autocast_state())
+        self.__dict__[_MORE] = (*self.__dict__.get(_MORE, ()), call)
+        return call
+
+    def _adopt(self, traced: Traced) -> fx.Graph:
+        """Make a graph captured from :meth:`shadow` a graph of this module: attributes
+        it reads, guards, the mode flag, flat inputs, and this module's adaptation."""
+        graph = traced.module.graph
+        graph.owning_module = self  # its targets are this module's now
+        for node in graph.nodes:
+            if node.op == "get_attr" and resolve_attr(self, node.target) is None:
+                _register(self, str(node.target), resolve_attr(traced.module, node.target))
+        _wrap_guards(self, graph, traced.module)
+        FollowTrainEval(graph)(self)
+        set_flat_codegen(graph)
+        adapt_like(self, graph)
+        finalize(self, graph)
+        return graph
+
+    def shadow(self) -> nn.Module:
+        """The model's module tree over this module's current tensors, to capture from."""
+        model = self.source.model
+        shadow = copy_module_tree(model)
+        current = _tensors(self)
+        names: dict[int, list[str]] = {}
+        for name, t in _tensors(model).items():
+            names.setdefault(id(t), []).append(name)
+        for group in names.values():
+            value = next((current[n] for n in group if n in current), None)
+            if value is None:
+                value = shadow.get_parameter(group[0]) if _is_param(shadow, group[0]) else shadow.get_buffer(group[0])
+            for n in group:
+                _set_tensor(shadow, n, value)
+        return shadow
+
+    # ------------------------------------------------------------------ moves
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):  # type: ignore[override]
+        moves = _probe(self, fn)
+        devices = {d: d2 for (_, d), (_, d2) in moves.items() if d != d2}
+        dtypes = {t: t2 for (t, _), (t2, _) in moves.items() if t != t2 and t.is_floating_point}
+        source = self.source
+        if dtypes and source is not None and source.method is Capture.EXPORT:
+            self._check_dtype_move(dtypes)  # before anything moves: MoveError, nothing changed
+        result = super()._apply(fn, recurse)
+        if devices:  # what went to meta lost its values, what left it gets them
+            state = get_state(self)
+            after_move(self, state.vectors if state else (), state.model if state else source.model if source else None)
+        if (devices or dtypes) and source is not None and source.method is Capture.EXPORT:
+            self.__dict__[_STALE] = {"devices": devices, "dtypes": dtypes}
+            self.__dict__.pop(_MORE, None)
+            self._refresh()
+        return result
+
+    def _check_dtype_move(self, dtypes: dict[torch.dtype, torch.dtype]) -> None:
+        """Can the model be captured at the new dtypes? Tried on meta stand-ins (no
+        memory), so a move that cannot work changes nothing."""
+        primary: CallGraph = self.meta[_PRIMARY]
+        shadow = self.shadow()
+        for name, t in list(_tensors(shadow).items()):
+            meta = torch.empty_like(t, device="meta", dtype=dtypes.get(t.dtype, t.dtype))
+            _set_tensor(shadow, name, nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta)
+        args, kwargs = pytree.tree_map_only(
+            torch.Tensor, lambda t: torch.empty_like(t, device="meta", dtype=dtypes.get(t.dtype, t.dtype)), primary.example)
+        try:
+            trace(shadow, args, kwargs, Capture.EXPORT, self.source.dynamic)
+        except CaptureError as e:
+            moving = ", ".join(f"{a} -> {b}" for a, b in dtypes.items())
+            raise MoveError(
+                f"cannot move {type(self.source.model).__name__} ({moving}): its graph must be captured again in the "
+                f"new dtype and that capture fails: {why(e)}. Nothing was changed. Cast the model, then transform it: "
+                "ol.transform(model.to(dtype), ...)."
+            ) from e
+
+    def _refresh(self) -> None:
+        """Capture the primary call again on the tensors as they are now (after a move)."""
+        moved = self.__dict__[_STALE]
+        primary: CallGraph = self.meta[_PRIMARY]
+        device, dtypes = _device_of(self), moved["dtypes"]
+
+        def example(t: torch.Tensor) -> torch.Tensor:
+            dtype = dtypes.get(t.dtype, t.dtype)
+            if t.device.type == "meta" and device.type != "meta":  # a meta example has no values
+                return torch.ones(t.shape, dtype=dtype, device=device)
+            return t.to(device=device, dtype=dtype)
+
+        args, kwargs = pytree.tree_map_only(torch.Tensor, example, primary.example)
+        moving = ", ".join([f"{a} -> {b}" for a, b in {**moved["devices"], **dtypes}.items()])
+        try:
+            traced = trace(self.shadow(), args, kwargs, Capture.EXPORT, self.source.dynamic)
+        except CaptureError as e:
+            raise MoveError(
+                f"{type(self.source.model).__name__} was moved ({moving}), and its graph must be captured again "
+                f"for the new device or dtype, which fails: {why(e)}. The module cannot run until that works; move "
+                "it back, or cast the model and transform it again: ol.transform(model.to(...), ...)."
+            ) from e
+        graph = self._adopt(traced)
+        self.meta[_PRIMARY] = CallGraph.of(args, kwargs, traced.in_spec, traced.out_spec, self.source.dynamic)
+        self.graph = graph
+        del self.__dict__[_STALE]
+
+
+def why(e: CaptureError) -> str:
+    reason = e.reasons.get("export") or next(iter(e.reasons.values()), e)
+    from .capture import why_export_failed
+
+    return why_export_failed(reason) if isinstance(reason, BaseException) else first_line(e)
+
+
+def _make_forward(module: CapturedModule) -> Callable[..., Any]:
+    def forward(self: CapturedModule, *args: Any, **kwargs: Any) -> Any:
+        return self._call(args, kwargs)
+
+    source = module.__dict__.get("meta", {}).get(_SOURCE)
+    if source is not None and source.signature.signature is not None:
+        params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        params += list(source.signature.signature.parameters.values())
+        forward.__signature__ = inspect.Signature(params)  # what Trainer and others inspect
+    return forward
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"Tensor{list(value.shape)}"
+    return repr(value) if not isinstance(value, (list, tuple, dict)) else type(value).__name__
+
+
+def _is_param(module: nn.Module, fqn: str) -> bool:
+    owner, _, leaf = fqn.rpartition(".")
+    return leaf in (module.get_submodule(owner) if owner else module)._parameters
+
+
+def _register(root: nn.Module, fqn: str, value: Any) -> None:
+    """Give ``root`` an attribute a newly captured graph reads: a parameter (shared,
+    frozen), or a copy of a buffer (the adapted module owns its buffers)."""
+    owner, _, leaf = fqn.rpartition(".")
+    module = root
+    for part in owner.split(".") if owner else ():
+        if not hasattr(module, part):
+            module.add_module(part, nn.Module())
+        module = getattr(module, part)
+    if isinstance(value, nn.Parameter):
+        value.requires_grad_(False)
+        module.register_parameter(leaf, value)
+    elif isinstance(value, torch.Tensor):
+        module.register_buffer(leaf, value.clone())
+    else:
+        setattr(module, leaf, value)
+
+
+def _free_name(root: nn.Module, stem: str) -> str:
+    i = 1
+    while hasattr(root, f"{stem}_{i}"):
+        i += 1
+    return f"{stem}_{i}"
+
+
+def _probe(root: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict[tuple, tuple]:
+    """``{(dtype, device): (dtype, device)}``: what ``fn`` does to each kind of tensor
+    the module holds, learnt from empty tensors before anything moves."""
+    kinds = {(t.dtype, t.device) for t in _tensors(root).values() if t is not None}
+    out = {}
+    for dtype, device in kinds:
+        probe = fn(torch.empty(0, dtype=dtype, device=device))
+        out[(dtype, device)] = (probe.dtype, probe.device)
+    return out
+
+
+def _device_of(root: nn.Module) -> torch.device:
+    for t in _tensors(root).values():
+        if t.is_floating_point():
+            return t.device
+    return torch.device("cpu")
+
+
+def _keep_non_persistent(model: nn.Module, gm: nn.Module) -> None:
+    """GraphModule re-registers every buffer as persistent; the model's non-persistent
+    ones (rotary tables, position ids) must stay out of the state dict."""
+    for path, module in model.named_modules():
+        for name in module._non_persistent_buffers_set:
+            owner_path, _, leaf = join(path, name).rpartition(".")
+            try:
+                owner = gm.get_submodule(owner_path)
+            except AttributeError:
+                continue  # the graph does not use it
+            if leaf in owner._buffers:
+                owner._non_persistent_buffers_set.add(leaf)

@@ -1,0 +1,61 @@
+"""One shape for every graph pass: torch.fx's ``PassBase`` (``requires`` / ``call`` /
+``ensures``, returning ``PassResult(graph_module, modified)``) and one finalization.
+
+A pass works on the graph module's own graph, or on another graph whose ``get_attr``
+targets name attributes of that module (a graph captured on first use for another call
+signature: :class:`~onelora_fx.forms.graph.module.CapturedModule` keeps several).
+:func:`finalize` is the one clean-up step every pass that changed a graph ends with:
+dead-code elimination, ``lint`` and, for the module's own graph, ``recompile``.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Optional
+
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+__all__ = ["GraphPass", "PassResult", "finalize"]
+
+
+def finalize(gm: fx.GraphModule, graph: Optional[fx.Graph] = None) -> None:
+    """Dead-code elimination, ``lint``, and ``recompile`` when ``graph`` is ``gm``'s own."""
+    graph = gm.graph if graph is None else graph
+    graph.eliminate_dead_code()
+    graph.lint()
+    if graph is gm.graph:
+        gm.recompile()
+
+
+class GraphPass(PassBase):
+    """A pass over ``graph`` (default: the module's own graph).
+
+    Subclasses implement :meth:`run` (change the graph, return whether anything
+    changed), and may override ``requires`` (check the input, raise before changing
+    anything) and ``ensures`` (check the result). Calling the pass runs ``requires``,
+    ``run``, :func:`finalize` when something changed, then ``ensures``.
+
+    Example:
+        >>> result = Rewrite(sites)(gm)         # doctest: +SKIP
+        >>> result.modified                     # doctest: +SKIP
+        True
+    """
+
+    def __init__(self, graph: Optional[fx.Graph] = None):
+        super().__init__()
+        self._graph = graph
+
+    def graph_of(self, gm: fx.GraphModule) -> fx.Graph:
+        return gm.graph if self._graph is None else self._graph
+
+    @abc.abstractmethod
+    def run(self, gm: fx.GraphModule, graph: fx.Graph) -> bool:
+        """Change ``graph``; return whether anything changed."""
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        graph = self.graph_of(graph_module)
+        modified = self.run(graph_module, graph)
+        if modified:
+            finalize(graph_module, graph)
+        return PassResult(graph_module, modified)
