@@ -29,8 +29,8 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import onelora_fx as ol  # noqa: E402
-from onelora_fx import zoo  # noqa: E402
-from onelora_fx.capture import Capture  # noqa: E402
+from onelora_fx.tools import zoo  # noqa: E402
+from onelora_fx.state import Capture  # noqa: E402
 from onelora_fx.forms import GraphForm  # noqa: E402
 
 

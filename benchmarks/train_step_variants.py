@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import onelora_fx as ol
-from onelora_fx import zoo
+from onelora_fx.tools import zoo
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -130,7 +130,7 @@ def floor(w: Workload) -> nn.Module:
 
 def floor_captured(w: Workload) -> nn.Module:
     """The floor captured as ``ol.transform`` captures (auto: fx, else export; dynamic)."""
-    from onelora_fx.capture import Capture
+    from onelora_fx.state import Capture
     from onelora_fx.forms import GraphForm
 
     with warnings.catch_warnings():

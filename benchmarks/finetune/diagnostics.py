@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import onelora_fx as ol
-from onelora_fx.norms import scale_cv
+from onelora_fx.analysis.norms import scale_cv
 
 from .tasks import Task
 from .training import set_mode
