@@ -1,11 +1,15 @@
 """Every private torch API onelora_fx touches, in one place, each with the reason (and
 the one lookup of an optional part of torch, :func:`is_dtensor`).
 
-Everything else in the package uses public torch APIs, plus two long-standing
-conventions every adapter library relies on: ``nn.Module``'s ``_parameters`` /
-``_buffers`` / ``_modules`` dicts (to put a tensor in a slot without registering it
-anew), and ``torch._dynamo.register_backend``, which is private by name but the
-documented way to name a ``torch.compile`` backend (``torch.compiler`` has none).
+Everything else in the package uses public torch APIs, plus the long-standing
+conventions every adapter library relies on (:data:`CONVENTIONS`): ``nn.Module``'s
+``_parameters`` / ``_buffers`` / ``_modules`` dicts (to put a tensor in a slot without
+registering it anew) and its ``_non_persistent_buffers_set`` (which buffers a state dict
+leaves out), ``nn.Module._apply`` (the one method every ``to`` / ``cuda`` / ``to_empty``
+goes through: how a module follows its moves), transformers' ``_init_weights`` (how a
+model rebuilds a buffer no checkpoint holds), and ``torch._dynamo.register_backend``,
+which is private by name but the documented way to name a ``torch.compile`` backend
+(``torch.compiler`` has none).
 
 When a torch release moves one of these, this file is the one to change; ``.ci/compat``
 runs the whole test suite on the newest torch these machines install, so such a release
@@ -21,6 +25,7 @@ import torch
 from torch import fx
 
 __all__ = [
+    "CONVENTIONS",
     "GROUPED_MM",
     "assert_async",
     "check",
@@ -36,6 +41,10 @@ __all__ = [
     "route_forward",
     "set_flat_codegen",
 ]
+
+#: private names used outside this file by convention (see the module docstring)
+CONVENTIONS = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_apply",
+                         "_init_weights"})
 
 # torch.utils._pytree: export records a model's input and output structure as its
 # TreeSpec; flattening a call the same way is how a call meets its graph. There is no

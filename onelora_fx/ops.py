@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .compat import assert_async, check, is_dtensor
+from .compat import assert_async, check, is_dtensor, is_view
 from .quant import dequantize, is_quantized_weight
 
 __all__ = ["linear", "decompose", "expert_term", "expert_of_rows", "linear_rows", "rows_layout", "check_ids", "add_term",
@@ -91,7 +91,7 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], b: Tensor, trans
     # at::linear takes its matmul + add path for strided inputs; follow it exactly and
     # add the rank-1 term afterwards.
     y = F.linear(x, w.t(), bias)
-    if y._base is not None:
+    if is_view(y):
         y = y.clone()
     y.add_(s.unsqueeze(-1) * b)  # (not addcmul_: a row-parallel DTensor output is Partial)
     return y, s

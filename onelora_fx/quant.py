@@ -102,7 +102,11 @@ def dequantize(weight: torch.Tensor, module: Optional[nn.Module] = None, dtype: 
     """
     dtype = dtype or compute_dtype(weight, module)
     if module is not None and is_quantized_layer(module):
-        import bitsandbytes.functional as bnb_f
+        try:
+            import bitsandbytes.functional as bnb_f
+        except ImportError as e:  # the layer came from elsewhere (a pickle): say what is missing
+            raise ImportError(f"{type(module).__name__} weights need bitsandbytes to be read: "
+                              "pip install 'onelora-fx[quant]'") from e
 
         state = getattr(weight, "quant_state", None)
         if state is not None:  # 4-bit

@@ -41,8 +41,8 @@ def _carries_adapter(module: nn.Module) -> bool:
     for m in module.modules():
         if is_adapted_layer(m):
             return True
-        graph = m.__dict__.get("_graph")
-        if isinstance(graph, fx.Graph) and any(n.op == "call_function" and n.target in _ADAPTER_OPS for n in graph.nodes):
+        graph = m.graph if isinstance(m, fx.GraphModule) else None
+        if graph is not None and any(n.op == "call_function" and n.target in _ADAPTER_OPS for n in graph.nodes):
             return True
     return False
 

@@ -1,0 +1,127 @@
+"""1LoRA over quantized bases: torchao weight-only int8 weights and bitsandbytes NF4 layers.
+
+The quantized call stays as it is and 1LoRA's term is added beside it (it never reads the
+weight). The reference is the same quantized model with forward hooks adding
+``b * x.sum(-1)`` to each adapted layer's output, written here."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import onelora_fx as ol
+from reference import randomize_adapters
+from toolkit import IDS, assert_close, quiet_transform, randomize_norms, tiny_llama
+
+transformers = pytest.importorskip("transformers")
+
+
+def int8(model: nn.Module) -> nn.Module:
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and "lm_head" not in fqn)
+    return model
+
+
+def nf4(model: nn.Module) -> nn.Module:
+    import bitsandbytes as bnb
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and name != "lm_head":
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=torch.float32, quant_type="nf4", device="meta")
+                q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                             module=q).to("cpu")
+                if child.bias is not None:
+                    q.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
+                setattr(parent, name, q)
+    return model
+
+
+QUANTIZE = {"int8": (int8, "torchao"), "nf4": (nf4, "bitsandbytes")}
+
+
+@pytest.fixture(scope="module", params=sorted(QUANTIZE))
+def quantized(request):
+    quantize, library = QUANTIZE[request.param]
+    pytest.importorskip(library)
+    full = randomize_norms(tiny_llama(hidden_size=64, intermediate_size=128))
+    return request.param, full, quantize(copy.deepcopy(full))
+
+
+def hooked(model: nn.Module, gm: nn.Module):
+    """The quantized model with ``b * x.sum(-1)`` added by forward hooks, and its b's."""
+    ref = copy.deepcopy(model)
+    vectors = {}
+    for s in ol.sites(gm):
+        if s.adapted:
+            b = gm.get_parameter(s.adapter_name).detach().clone().requires_grad_()
+            vectors[s.adapter_name] = b
+            ref.get_submodule(s.owner).register_forward_hook(lambda m, i, o, b=b: o + b * i[0].sum(-1, keepdim=True))
+    return ref, vectors
+
+
+def test_quantized_linears_are_sites_and_match_the_hooked_model(quantized):
+    kind, _, model = quantized
+    gm = quiet_transform(model, "all-linear", example_kwargs={"input_ids": IDS})
+    adapted = [s for s in ol.sites(gm) if s.adapted]
+    assert len(adapted) == 14 and all(s.quantized for s in adapted), [(s.name, s.quantized) for s in adapted]
+    assert all(b.dtype == torch.float32 and b.shape == (s.out_features,)
+               for s, b in zip(adapted, (gm.get_parameter(s.adapter_name) for s in adapted)))
+    assert "0 unadapted" in ol.summary(gm)
+    randomize_adapters(gm, 3, scale=0.05)
+    ref, vectors = hooked(model, gm)
+    out = gm(input_ids=IDS).logits
+    expected = ref(input_ids=IDS).logits
+    assert_close(out, expected, torch.float32, "output")
+    out.square().mean().backward()
+    expected.square().mean().backward()
+    for name, b in vectors.items():
+        got = gm.get_parameter(name).grad
+        assert got is not None and got.abs().sum() > 0, name
+        assert_close(got, b.grad, torch.float32, f"{name} gradient")
+    assert all(not p.requires_grad for n, p in gm.named_parameters() if n not in ol.adapter_parameters(gm))
+
+
+def test_merge_gives_the_full_precision_model(quantized):
+    kind, _, model = quantized
+    gm = quiet_transform(model, "all-linear", example_kwargs={"input_ids": IDS})
+    randomize_adapters(gm, 4, scale=0.05)
+    merged = ol.merge(gm)
+    assert_close(merged(input_ids=IDS).logits, gm(input_ids=IDS).logits, torch.float32, "merged")
+    assert all(type(p) is nn.Parameter and p.is_floating_point() for p in merged.parameters()), "plain weights"
+    assert all(type(m) is nn.Linear for n, m in merged.named_modules() if n.endswith(("_proj", "lm_head")))
+    with pytest.raises(ol.MergeError, match="quantized .* cannot be written into its quantized storage"):
+        ol.merge(gm, inplace=True)
+
+
+def test_adapters_move_between_quantized_and_full_precision(quantized, tmp_path):
+    """The same names, shapes and dtypes: trained on the quantized base, loaded onto the
+    full-precision one, and back."""
+    kind, full, model = quantized
+    q = quiet_transform(model, "all-linear", example_kwargs={"input_ids": IDS})
+    randomize_adapters(q, 5, scale=0.05)
+    f = quiet_transform(full, "all-linear", example_kwargs={"input_ids": IDS})
+    ol.load_adapter(f, ol.save_adapter(q, tmp_path / "q.safetensors"))
+    back = quiet_transform(model, "all-linear", example_kwargs={"input_ids": IDS})
+    ol.load_adapter(back, ol.save_adapter(f, tmp_path / "f.safetensors"))
+    for name, b in ol.adapter_parameters(q).items():
+        assert torch.equal(ol.adapter_parameters(back)[name], b), name
+    assert torch.equal(back(input_ids=IDS).logits, q(input_ids=IDS).logits)
+
+
+def test_peft_loads_the_adapter_onto_the_bitsandbytes_model(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    peft = pytest.importorskip("peft")
+    model = nf4(randomize_norms(tiny_llama(hidden_size=64, intermediate_size=128)))
+    gm = quiet_transform(model, "all-linear", example_kwargs={"input_ids": IDS})
+    randomize_adapters(gm, 6, scale=0.05)
+    ol.save_peft(gm, tmp_path / "peft")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["r"] == 1
+    served = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "peft")).eval()
+    assert_close(served(input_ids=IDS).logits, gm(input_ids=IDS).logits, torch.float32, "PEFT on NF4")
