@@ -16,9 +16,17 @@ per-round ratios, the machine being shared and noisy):
 
 Target: K = 256 costs at most 1.05x one adapter, in inference and in training.
 
-    python benchmarks/multi_adapter.py                 # about 2 minutes on one thread
-    python benchmarks/multi_adapter.py --quick         # two K values, few rounds
-    python benchmarks/multi_adapter.py --out DIR       # DIR/multi_adapter.json, .png
+Results: ``multi_adapter.json`` and ``multi_adapter.png`` in ``--out`` (default
+``benchmarks/out/``, not tracked by git); ``--update-results`` also writes them into
+``benchmarks/results/``, the committed copies the README quotes (not with ``--quick``).
+Progress (one line per stage and per round, with the elapsed seconds) goes to stderr,
+the tables to stdout. ``--quick``: K in {1, 8}, 3 rounds, to check that everything
+runs (its ratios are not the benchmark's numbers).
+
+    python benchmarks/multi_adapter.py --quick           # ~1 min on 2 busy cores
+    python benchmarks/multi_adapter.py                   # about 2 minutes on one thread (more when busy)
+    python benchmarks/multi_adapter.py --update-results  # the same, and refresh benchmarks/results/
+    python benchmarks/multi_adapter.py --out DIR         # DIR/multi_adapter.json, .png
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -40,8 +49,16 @@ from tabulate import tabulate
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import onelora_fx as ol  # noqa: E402
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+BENCHMARKS = Path(__file__).resolve().parent
+DEFAULT_OUT = BENCHMARKS / "out"  # ignored by git
+RESULTS = BENCHMARKS / "results"  # the committed copies (--update-results)
 BATCH, SEQ, VOCAB = 256, 16, 512
+STARTED = time.perf_counter()
+
+
+def log(line: str) -> None:
+    """A progress line on stderr with the seconds since the start."""
+    print(f"{time.perf_counter() - STARTED:7.1f}s  {line}", file=sys.stderr, flush=True)
 
 
 def llama() -> torch.nn.Module:
@@ -84,6 +101,7 @@ def onelora_cases(model, ids, ks) -> dict[str, Callable[[], object]]:
     cases["onelora infer single"] = lambda: _no_grad(gm, input_ids=ids)
     cases["onelora train single"] = lambda: step(gm, opt_one, ids)
     for k in ks:
+        log(f"onelora_fx: ol.stack of {k} adapter(s)")
         files = [vectors(gm, seed) for seed in range(k)]
         multi = _stack(gm, files)
         rows = torch.arange(BATCH) % k
@@ -114,6 +132,7 @@ def peft_cases(model, ids, ks) -> dict[str, Callable[[], object]]:
 
     cases = {}
     for k in [1, *ks]:
+        log(f"PEFT: a model with {k} LoRA r=1 adapter(s)")
         pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=1, target_modules="all-linear", init_lora_weights=False),
                                  adapter_name="a0")
         for i in range(1, k):
@@ -128,6 +147,7 @@ def peft_cases(model, ids, ks) -> dict[str, Callable[[], object]]:
 
 
 def measure(cases: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    log(f"warm-up: one call of each of the {len(cases)} cases")
     for fn in cases.values():  # warm up
         fn()
     times: dict[str, list[float]] = {name: [] for name in cases}
@@ -136,7 +156,7 @@ def measure(cases: dict[str, Callable[[], object]], rounds: int) -> dict[str, li
         order = order[r % len(order):] + order[: r % len(order)]  # rotate: no variant always first
         for name in order:
             times[name].append(timed(cases[name]))
-        print(f"round {r + 1}/{rounds}", file=sys.stderr, flush=True)
+        log(f"round {r + 1}/{rounds}")
     return times
 
 
@@ -170,13 +190,19 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="K in {1, 8}, 3 rounds")
+    parser.add_argument("--quick", action="store_true", help="K in {1, 8}, 3 rounds (~1 min)")
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="folder for the JSON and PNG (default: benchmarks/out/, not tracked by git)")
+    parser.add_argument("--update-results", action="store_true",
+                        help="also write them into benchmarks/results/ (the committed copies; not with --quick)")
     args = parser.parse_args(argv)
+    if args.update_results and args.quick:
+        parser.error("--update-results records a full run into benchmarks/results/: not with --quick")
     torch.set_num_threads(1)
     ks = [8] if args.quick else [8, 64, 256]
     rounds = 3 if args.quick else args.rounds
+    log(f"K in {[1, *ks]}, {rounds} rounds; building the LLaMA and ol.transform")
     model = llama()
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     cases = {**onelora_cases(model, ids, [1, *ks]), **peft_cases(model, ids, ks)}
@@ -211,8 +237,16 @@ def main(argv=None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"rows": rows, "verdict": verdict, "rounds": rounds, "batch": [BATCH, SEQ], "torch": torch.__version__,
               "machine": platform.processor() or platform.machine(), "mode": "quick" if args.quick else "default"}
-    (args.out / "multi_adapter.json").write_text(json.dumps(result, indent=2))
-    plot(rows, args.out / "multi_adapter.png")
+    written = [args.out / "multi_adapter.json", args.out / "multi_adapter.png"]
+    written[0].write_text(json.dumps(result, indent=2))
+    plot(rows, written[1])
+    if args.update_results:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        for path in list(written):
+            if path.resolve() != (RESULTS / path.name).resolve():
+                shutil.copyfile(path, RESULTS / path.name)
+                written.append(RESULTS / path.name)
+    log("wrote " + ", ".join(str(p) for p in written))
     return result
 
 

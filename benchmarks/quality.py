@@ -48,15 +48,28 @@ in each, how its gaps move, and whether the explanation holds (the rule is in
 ``verdict.py``). On the LLaMA the second run is a control. The from-scratch reference
 does not use the pre-trained model: it is run once per task and shared.
 
+Results: ``quality.json`` and ``quality.png`` in ``--out`` (default ``benchmarks/out/``, not
+tracked by git); ``--update-results`` also writes them into ``benchmarks/results/``, the
+committed copies the README quotes (not with ``--quick``). Progress: one line per
+pre-training (and every 20 s within it) and per fine-tuning run, with the elapsed seconds.
+
+Stopped and rerun: every pre-trained model, fine-tuning run and deployment check is saved
+as soon as it is done, in ``DIR/quality-partial-quick/`` or ``DIR/quality-partial-default/``
+(``finetune/resume.py``); a rerun with the same ``--out`` and mode runs only what is
+missing. ``--fresh`` starts over; a finished run deletes that folder.
+
+    python benchmarks/quality.py --quick          # one seed, one rate, short runs: ~6 minutes on 2 busy cores
     python benchmarks/quality.py                  # default, ~16 minutes on 2 cores (more when busy)
-    python benchmarks/quality.py --quick          # one seed, one rate, short runs: < 3 minutes
+    python benchmarks/quality.py --update-results # the same, and refresh benchmarks/results/
     python benchmarks/quality.py --out DIR        # writes DIR/quality.json and DIR/quality.png
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
+import shutil
 import sys
 import time
 import warnings
@@ -71,24 +84,49 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the finetune package
 from finetune import report as rp  # noqa: E402
 from finetune.methods import METHODS  # noqa: E402
 from finetune.protocol import DEFAULT, QUICK, run_task  # noqa: E402
-from finetune.tasks import PRETRAININGS, TASKS  # noqa: E402
+from finetune.resume import Mismatch, Saved  # noqa: E402
+from finetune.tasks import PRETRAIN_LR, PRETRAININGS, TASKS  # noqa: E402
 from finetune.training import BATCH, WARMUP, WEIGHT_DECAY  # noqa: E402
 from finetune.verdict import CAVEAT, CLOSE, ORDER, explanation, explanation_lines, paper_statement  # noqa: E402
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+BENCHMARKS = Path(__file__).resolve().parent
+DEFAULT_OUT = BENCHMARKS / "out"  # ignored by git
+RESULTS = BENCHMARKS / "results"  # the committed copies (--update-results)
 
 
 def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one seed, one learning rate, short runs (< 3 minutes)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for quality.json and quality.png")
+    parser.add_argument("--quick", action="store_true", help="one seed, one learning rate, short runs (~6 minutes)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="directory for quality.json, quality.png and the saved partial results "
+                             "(default: benchmarks/out/, not tracked by git)")
+    parser.add_argument("--update-results", action="store_true",
+                        help="also write quality.json and quality.png into benchmarks/results/ "
+                             "(the committed copies; not with --quick)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete the partial results an earlier, stopped run saved in --out, instead of resuming")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--methods", nargs="+", default=[m.key for m in METHODS], choices=[m.key for m in METHODS],
                         help="subset of methods (1LoRA is always run: the deployment check needs it)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: these models are too small to gain from more, "
                              "and one thread keeps timings comparable on a shared machine)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.update_results and args.quick:
+        parser.error("--update-results records a full run into benchmarks/results/: not with --quick")
+    return args
+
+
+def fingerprint(budget: Any, threads: int) -> dict[str, Any]:
+    """What saved partial results must have been made with, to be resumed."""
+    from importlib.metadata import version
+
+    return {
+        "budget": dataclasses.asdict(budget), "grids": {m.key: list(m.grid) for m in METHODS},
+        "pretrainings": [dataclasses.asdict(p) for p in PRETRAININGS], "pretrain_lr": PRETRAIN_LR,
+        "batch": BATCH, "weight_decay": WEIGHT_DECAY, "warmup": WARMUP, "threads": threads,
+        "torch": torch.__version__, "transformers": version("transformers"), "peft": version("peft"),
+    }
 
 
 def protocol(budget: Any, methods: list[Any]) -> dict[str, Any]:
@@ -120,6 +158,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     budget = QUICK if args.quick else DEFAULT
     methods = [m for m in METHODS if m.key in set(args.methods) | {"onelora"}]
+    mode = "quick" if args.quick else "default"
     args.out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
 
@@ -127,7 +166,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         print(f"{time.perf_counter() - began:7.1f}s  {line}", flush=True)
 
     warnings.filterwarnings("ignore")  # PEFT, torch.export and onelora_fx chatter; errors still raise
-    tasks = {name: run_task(name, budget, methods, log) for name in args.tasks}
+    partial = args.out / f"quality-partial-{mode}"
+    log(f"{mode} mode: tasks {', '.join(args.tasks)}; {len(methods)} methods; seeds {list(budget.seeds)}; "
+        f"partial results saved as they come in {partial}")
+    try:
+        saved = Saved(partial, fingerprint(budget, args.threads), args.fresh, log)
+    except Mismatch as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    tasks = {name: run_task(name, budget, methods, log, saved) for name in args.tasks}
     explained: list[str] = []
     for name, t in tasks.items():
         t["explanation"] = explanation(t)
@@ -139,8 +186,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         paper[p.key] = {"holds": holds, "statement": lines}
     report = {
         "command": "python benchmarks/quality.py" + (" --quick" if args.quick else ""),
-        "mode": "quick" if args.quick else "default",
+        "mode": mode,
         "wall_s": time.perf_counter() - began,
+        "resumed_runs": saved.resumed,  # fine-tuning runs taken from an earlier, stopped run
         "environment": {"torch": torch.__version__, "python": platform.python_version(), "threads": args.threads,
                         "machine": platform.machine()},
         "protocol": protocol(budget, methods),
@@ -148,8 +196,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "paper_ranking": paper,
         "explanation_statement": explained,
     }
-    rp.write_json(report, args.out / "quality.json")
-    rp.plot(tasks, args.out / "quality.png")
+    written = [args.out / "quality.json", args.out / "quality.png"]
+    rp.write_json(report, written[0])
+    rp.plot(tasks, written[1])
+    if args.update_results:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        for path in list(written):
+            if path.resolve() != (RESULTS / path.name).resolve():
+                shutil.copyfile(path, RESULTS / path.name)
+                written.append(RESULTS / path.name)
+    saved.done()
     for p in PRETRAININGS:
         labels = sorted({t["variants"][p.key]["label"] for t in tasks.values()})
         print(f"\n=== {' / '.join(labels)} ===\n")
@@ -168,7 +224,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     print("\n=== Why does 1LoRA trail? The LayerNorm explanation ===\n")
     for line in explained:
         print(line)
-    print(f"\nwrote {args.out / 'quality.json'} and {args.out / 'quality.png'} in {report['wall_s']:.0f} s")
+    print(f"\nwrote {', '.join(str(p) for p in written)} in {report['wall_s']:.0f} s"
+          + (f" ({saved.resumed} fine-tuning runs taken from an earlier, stopped run)" if saved.resumed else ""))
     return report
 
 

@@ -46,12 +46,27 @@ step, then three measured steps.
 
 Compile time: first compiled step minus the median compiled step.
 
-Results: ``benchmarks/results/train_step.json`` and ``train_step.png`` (CPU),
-``train_step_cuda.json`` and ``train_step_cuda.png`` (CUDA); the JSON records the device,
-dtype, torch version and, on CUDA, the GPU.
+Results: ``train_step.json`` and ``train_step.png`` (CPU), ``train_step_cuda.json`` and
+``train_step_cuda.png`` (CUDA) in ``--out`` (default ``benchmarks/out/``, not tracked by
+git); ``--update-results`` also writes them into ``benchmarks/results/``, the committed
+copies the README quotes (not with ``--quick``). The JSON records the device, dtype,
+torch version, the mode and, on CUDA, the GPU. Progress (one line per variant built,
+per round and per memory run, with the elapsed seconds) goes to stderr, the tables to
+stdout.
 
+``--quick`` checks that every variant and the memory runs work, in about 2 minutes on
+2 busy cores; its ratios are not the benchmark's numbers. It runs size ``quick``
+(LLaMA hidden 128, intermediate 344, 2 layers, vocab 256, batch 2 x seq 64; one
+256 x 256 linear on [512, 256]), 3 rounds, one warm-up step; the ``torch.compile``
+variants on the single linear only (compiling the LLaMA takes minutes with a cold
+Inductor cache); the memory processes (about 20 s each, mostly imports) for the
+captured floor and onelora_fx (eager) only. ``--variants``, ``--rounds``, ``--warmup``
+and ``--size`` still apply.
+
+    python benchmarks/train_step.py --quick               # CPU, both workloads, ~2 min
     python benchmarks/train_step.py                       # CPU, both workloads, ~12 min
-    python benchmarks/train_step.py --workload linear --rounds 5 --no-memory   # quick look
+    python benchmarks/train_step.py --update-results      # the same, and refresh benchmarks/results/
+    python benchmarks/train_step.py --workload linear --rounds 5 --no-memory   # a look at one workload
     python benchmarks/train_step.py --device cuda         # GPU, bf16 autocast, size gpu
     python benchmarks/train_step.py --device cuda --size gpu-small --rounds 5  # smaller GPU
 """
@@ -64,6 +79,7 @@ import gc
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -78,6 +94,18 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step_variants import COMPILED_FLOOR, EAGER_FLOOR, FLOOR, SIZES, VARIANTS, Workload  # noqa: E402
+
+BENCHMARKS = Path(__file__).resolve().parent
+DEFAULT_OUT = BENCHMARKS / "out"  # ignored by git
+RESULTS = BENCHMARKS / "results"  # the committed copies (--update-results)
+STARTED = time.perf_counter()
+QUICK_MEMORY = (FLOOR, "onelora_fx (eager)")  # --quick's memory processes
+
+
+def log(line: str) -> None:
+    """A progress line on stderr with the seconds since the start."""
+    print(f"{time.perf_counter() - STARTED:7.1f}s  {line}", file=sys.stderr, flush=True)
+
 
 # per device: the memory figure the table, the ratio and the plot use, its column, its axis
 MEMORY = {
@@ -148,27 +176,32 @@ def memory_in_subprocess(workload: str, variant: str, size: str, device: str) ->
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def run_workload(w: Workload, size: str, rounds: int, warmup: int, memory: bool, variants: list[str]) -> dict:
+def run_workload(w: Workload, size: str, rounds: int, warmup: int, memory: list[str], variants: list[str]) -> dict:
+    """Times ``variants`` in interleaved rounds; measures the memory of those in ``memory``."""
     workload, device = w.name, w.device.type
     steps, trainable, compile_s = {}, {}, {}
-    for name in variants:
-        print(f"[{workload}] building {name}", file=sys.stderr, flush=True)
+    for i, name in enumerate(variants, 1):
+        compiled = getattr(VARIANTS[name], "compiled", False)
+        log(f"[{workload}] variant {i}/{len(variants)}: {name}: building, first step"
+            + (" (compiles)" if compiled else "") + f", {warmup} warm-up step(s)")
+        t0 = time.perf_counter()
         model = VARIANTS[name](w)
         trainable[name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         steps[name] = make_step(model, w)
         first = steps[name]()
         warm = [steps[name]() for _ in range(warmup)]
-        if getattr(VARIANTS[name], "compiled", False):
+        if compiled:
             compile_s[name] = first - statistics.median(warm)
+        log(f"[{workload}] variant {i}/{len(variants)}: {name}: ready in {time.perf_counter() - t0:.1f} s")
     times: dict[str, list[float]] = {n: [] for n in steps}
     rng = random.Random(0)
+    log(f"[{workload}] {rounds} interleaved rounds of {len(steps)} steps")
     for r in range(rounds):
         order = list(steps)
         rng.shuffle(order)
         for name in order:
             times[name].append(steps[name]())
-        print(f"\r[{workload}] round {r + 1}/{rounds}", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
+        log(f"[{workload}] round {r + 1}/{rounds}")
     del model
     steps.clear()  # free the models before the memory runs (one GPU for all processes)
     gc.collect()
@@ -190,12 +223,14 @@ def run_workload(w: Workload, size: str, rounds: int, warmup: int, memory: bool,
         if COMPILED_FLOOR in times:
             results[name]["ratio_to_compiled_floor"] = statistics.median(t / f for t, f in zip(ts, times[COMPILED_FLOOR]))
     if memory:
-        for name in variants:
-            print(f"[{workload}] memory of {name}", file=sys.stderr, flush=True)
+        key = MEMORY[device][0]
+        for i, name in enumerate(memory, 1):
+            t0 = time.perf_counter()
             measured = memory_in_subprocess(workload, name, size, device)
             results[name].update({k.replace("_bytes", "_mb"): v / 2**20 for k, v in measured.items()})
-        key = MEMORY[device][0]
-        for name in variants:
+            log(f"[{workload}] memory {i}/{len(memory)}: {name}: {results[name][key]:.1f} MB "
+                f"(own process, {time.perf_counter() - t0:.1f} s)")
+        for name in memory:
             results[name]["memory_to_floor"] = results[name][key] / results[FLOOR][key]
     return results
 
@@ -255,22 +290,32 @@ def bubble_plot(all_results: dict, path: Path, device: str, where: str) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--size", choices=tuple(SIZES), default=None, help="shapes (default: cpu, or gpu on cuda)")
+    parser.add_argument("--quick", action="store_true",
+                        help="check that everything runs (~2 min; see above)")
+    parser.add_argument("--size", choices=tuple(SIZES), default=None,
+                        help="shapes (default: quick with --quick, else cpu, or gpu on cuda)")
     parser.add_argument("--workload", choices=("llama", "linear", "both"), default="both")
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 20, 3 with --quick)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 2, 1 with --quick)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--variants", nargs="*", default=None, help="a subset of the variants (default: all)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-process memory runs")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="JSON and PNG go here")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="folder for the JSON and PNG (default: benchmarks/out/, not tracked by git)")
+    parser.add_argument("--update-results", action="store_true",
+                        help="also write them into benchmarks/results/ (the committed copies; not with --quick)")
     parser.add_argument("--measure-memory", nargs=2, metavar=("WORKLOAD", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.update_results and args.quick:
+        parser.error("--update-results records a full run into benchmarks/results/: not with --quick")
+    rounds = args.rounds if args.rounds is not None else 3 if args.quick else 20
+    warmup = args.warmup if args.warmup is not None else 1 if args.quick else 2
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         print(f"no CUDA device: torch {torch.__version__} (CUDA build: {torch.version.cuda}) sees no GPU; "
               "run with --device cpu", file=sys.stderr)
         sys.exit(2)
-    size = args.size or ("gpu" if cuda else "cpu")
+    size = args.size or ("quick" if args.quick else "gpu" if cuda else "cpu")
     if args.measure_memory:
         print(json.dumps(measure_memory(*args.measure_memory, size, args.device)))
         return {}
@@ -284,13 +329,21 @@ def main(argv=None) -> dict:
     where = f"{gpu}, bf16 autocast" if cuda else f"CPU, {args.threads} thread(s)"
     all_results, shapes = {}, {}
     started = time.perf_counter()
+    log(f"size {size}, workloads {', '.join(workloads)}, {len(variants)} variants, {rounds} rounds"
+        + ("" if args.no_memory else ", then one memory process per variant measured"))
     for name in workloads:
+        timed, memory = variants, variants
+        if args.quick:  # see the module docstring
+            if name == "llama" and args.variants is None:
+                timed = [v for v in variants if not getattr(VARIANTS[v], "compiled", False)]
+            memory = [v for v in timed if v in QUICK_MEMORY]
         w = Workload(name, size, args.device)
         shapes[name] = w.describe()
-        all_results[name] = run_workload(w, size, args.rounds, args.warmup, not args.no_memory, variants)
+        log(f"[{name}] {shapes[name]}")
+        all_results[name] = run_workload(w, size, rounds, warmup, [] if args.no_memory else memory, timed)
         del w
     header = (
-        f"torch {torch.__version__}, {where}, {args.rounds} interleaved rounds, AdamW; "
+        f"torch {torch.__version__}, {where}, {rounds} interleaved rounds, AdamW; "
         f"'/ floor' = median per-round ratio to the BitFit floor through the same capture"
     )
     print(header)
@@ -302,16 +355,26 @@ def main(argv=None) -> dict:
         "header": header, "device": args.device, "gpu": gpu, "cuda": torch.version.cuda if cuda else None,
         "dtype": "float32 weights, bfloat16 autocast" if cuda else "float32",
         "autocast": "bfloat16" if cuda else None, "torch": torch.__version__, "threads": args.threads,
-        "size": size, "shapes": shapes, "results": all_results,
+        "size": size, "rounds": rounds, "mode": "quick" if args.quick else "default",
+        "shapes": shapes, "results": all_results,
     }
     stem = "train_step_cuda" if cuda else "train_step"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    written = [args.out / f"{stem}.json"]
+    written[0].write_text(json.dumps(report, indent=2))
     if not args.no_memory:
         try:
             bubble_plot(all_results, args.out / f"{stem}.png", args.device, where)
+            written.append(args.out / f"{stem}.png")
         except ImportError:
             print("matplotlib is not installed: no plot", file=sys.stderr)
+    if args.update_results:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        for path in list(written):
+            if path.resolve() != (RESULTS / path.name).resolve():
+                shutil.copyfile(path, RESULTS / path.name)
+                written.append(RESULTS / path.name)
+    log("wrote " + ", ".join(str(p) for p in written))
     return all_results
 
 

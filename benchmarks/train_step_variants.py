@@ -18,8 +18,11 @@ from onelora_fx.tools import zoo
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-# LLaMA shape, batch x seq, and the single linear's width and rows, per --size
+# LLaMA shape, batch x seq, and the single linear's width and rows, per --size ("quick": --quick's
+# small shapes, to check that everything runs, not to measure)
 SIZES = {
+    "quick": dict(hidden=128, intermediate=344, layers=2, heads=4, vocab=256, batch=2, seq=64,
+                  features=256, rows=512),
     "cpu": dict(hidden=512, intermediate=1376, layers=4, heads=8, vocab=1024, batch=4, seq=128,
                 features=1024, rows=2048),
     "gpu-small": dict(hidden=1024, intermediate=2816, layers=8, heads=16, vocab=32000, batch=8, seq=512,

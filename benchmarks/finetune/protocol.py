@@ -9,6 +9,9 @@ and the pre-trained models are fixed. Runs of different methods are interleaved 
 shuffled order, so a busy machine slows them alike. A method that does not use the
 pre-trained model (from scratch) is run once per task and its results are shared by
 both pre-trainings.
+
+Every pre-training, fine-tuning run and deployment check is saved as soon as it is done
+(:class:`.resume.Saved`); a rerun on the same folder picks them up and runs the rest.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import onelora_fx as ol
 
 from .diagnostics import norm_scales, sum_statistics
 from .methods import Method, OneLoRA, adapted_linears, build, fresh_start, onelora_variants
+from .resume import Saved
 from .tasks import PRETRAININGS, TASKS, Task, pretrain
 from .training import BATCH, evaluate, fit, logits_of, set_mode
 from .verdict import ranking
@@ -114,9 +118,10 @@ def deployment_check(task: Task, variant: OneLoRA, state: dict[str, torch.Tensor
 
 
 def compare_methods(task: Task, pretrained: nn.Module, budget: Budget, methods: list[Method], log: Log,
-                    shared: dict[str, dict[str, Any]]) -> dict[str, Any]:
+                    shared: dict[str, dict[str, Any]], saved: Saved, where: str) -> dict[str, Any]:
     """Every method fine-tuned from ``pretrained``: the sweep, the seeds, the deployment check.
-    Methods whose results are in ``shared`` (ones that ignore the pre-trained model) are not rerun."""
+    Methods whose results are in ``shared`` (ones that ignore the pre-trained model) are not rerun;
+    runs in ``saved`` (under ``where``, the task and pre-training) are not rerun either."""
     name, steps = task.name, budget.steps[task.name]
     seed0, rest = budget.seeds[0], budget.seeds[1:]
     starts = {s: fresh_start(task, pretrained, s) for s in budget.seeds}
@@ -132,23 +137,43 @@ def compare_methods(task: Task, pretrained: nn.Module, budget: Budget, methods: 
     to_run = [m for m in methods if m.key not in shared]
     trained_1lora: dict[tuple[float, int], dict[str, torch.Tensor]] = {}
     order = random.Random(name)
+    figures = ("trainable", "trainable_head", "memory", "setup_s")  # one-off, from a method's first build
+    for m in to_run:
+        results[m.key].update(saved.get(f"{where}/method/{m.key}") or {})
+    total = len(to_run) * len(budget.seeds) + len(to_run) * (len(budget.lr_points) - 1)
+    done = sum(1 for k in saved.data["entries"] if k.startswith(f"{where}/run/"))
+    if done:
+        log(f"[{name}] {done} of {total} fine-tuning runs from the saved results")
 
     def one(m: Method, lr: float, seed: int) -> None:
-        a = build(m.key, task, starts[seed], linears, seed, onelora)
         r = results[m.key]
+        key = f"{where}/run/{m.key}/{lr!r}/{seed}"
+        entry = saved.get(key)
+        if entry is not None:
+            r["runs"].append(entry["run"])
+            saved.resumed += 1
+            if "onelora" in entry:
+                trained_1lora[(lr, seed)] = Saved.tensors_from_json(entry["onelora"])
+            return
+        a = build(m.key, task, starts[seed], linears, seed, onelora)
         if "trainable" not in r:
             r["trainable"] = sum(p.numel() for p in a.params)
             r["trainable_head"] = a.head_params
             r["memory"] = train_memory(task, a.module, a.params)
             r["setup_s"] = a.setup_s
+            saved.put(f"{where}/method/{m.key}", {k: r[k] for k in figures})
         t0 = time.perf_counter()
         loss = fit(task, a.module, a.params, task.target["train"], steps, lr, seed)
         val, _ = evaluate(task, a.module, *task.target["val"])
         seconds = time.perf_counter() - t0
         test, _ = evaluate(task, a.module, *task.target["test"])
-        r["runs"].append({"lr": lr, "seed": seed, "val": val, "test": test, "seconds": seconds, "final_loss": loss})
-        if m.key == "onelora":
+        run = {"lr": lr, "seed": seed, "val": val, "test": test, "seconds": seconds, "final_loss": loss}
+        r["runs"].append(run)
+        entry = {"run": run}
+        if m.key == "onelora" and seed == seed0:  # the deployment check reloads the selected one
             trained_1lora[(lr, seed)] = onelora["onelora"].state()
+            entry["onelora"] = Saved.tensors_to_json(trained_1lora[(lr, seed)])
+        saved.put(key, entry)
         log(f"[{name}] {m.label:<26} lr {lr:<7g} seed {seed}  val {val:.3f}  test {test:.3f}  "
             f"loss {loss:.3f}  {seconds:5.1f} s")
 
@@ -174,7 +199,10 @@ def compare_methods(task: Task, pretrained: nn.Module, budget: Budget, methods: 
     results = {m.key: results[m.key] for m in methods}
 
     best_lr = results["onelora"]["best_lr"]
-    deploy = deployment_check(task, onelora["onelora"], trained_1lora[(best_lr, seed0)], best_lr, seed0)
+    deploy = saved.get(f"{where}/deploy")
+    if deploy is None or deploy["lr"] != best_lr:
+        deploy = deployment_check(task, onelora["onelora"], trained_1lora[(best_lr, seed0)], best_lr, seed0)
+        saved.put(f"{where}/deploy", deploy)
     log(f"[{name}] deployment: adapted {deploy['adapted']:.4f}  merged {deploy['merged']:.4f}  "
         f"exported {deploy['exported']:.4f}  max |logit diff| {deploy['max_abs_logit_diff']:.2e}")
     b_mean, b_std = mean_std(before)
@@ -191,19 +219,30 @@ def compare_methods(task: Task, pretrained: nn.Module, budget: Budget, methods: 
     }
 
 
-def run_task(name: str, budget: Budget, methods: list[Method], log: Log) -> dict[str, Any]:
+def run_task(name: str, budget: Budget, methods: list[Method], log: Log, saved: Saved) -> dict[str, Any]:
     """One task: each pre-training, then the comparison of every method on top of it."""
     task = TASKS[name]()
     variants: dict[str, dict[str, Any]] = {}
     shared: dict[str, dict[str, Any]] = {}
     for how in PRETRAININGS:
         label = how.label(task)
-        log(f"[{name}] {label}: pre-training on the source task ({budget.pretrain_steps[name]} steps, "
-            f"norm parameters at lr x{how.norm_lr_factor(task):g}, weight decay {how.norm_weight_decay:g})")
-        pretrained, pre = pretrain(task, budget.pretrain_steps[name], how)
-        log(f"[{name}] {label}: source test {task.metric} {pre['source_test_metric']:.3f} ({pre['seconds']:.0f} s)"
+        where = f"{name}/{how.key}"
+
+        def make(how: Any = how, label: str = label) -> tuple[nn.Module, dict[str, Any]]:
+            log(f"[{name}] {label}: pre-training on the source task ({budget.pretrain_steps[name]} steps, "
+                f"norm parameters at lr x{how.norm_lr_factor(task):g}, weight decay {how.norm_weight_decay:g})")
+            return pretrain(task, budget.pretrain_steps[name], how,
+                            progress=lambda line, label=label: log(f"[{name}] {label}: pre-training {line}"))
+
+        def rebuild() -> nn.Module:
+            torch.manual_seed(0)  # as pretrain() does before it builds the model
+            return task.make_model()
+
+        pretrained, pre, loaded = saved.model(f"{where}/pretrain", make, rebuild)
+        log(f"[{name}] {label}: source test {task.metric} {pre['source_test_metric']:.3f} ({pre['seconds']:.0f} s"
+            + (", from the saved results)" if loaded else ")")
             + ("" if pre["learned_source"] else "  WARNING: the source task was not learned"))
-        result = compare_methods(task, pretrained, budget, methods, log, shared)
+        result = compare_methods(task, pretrained, budget, methods, log, shared, saved, where)
         shared = {m.key: result["methods"][m.key] for m in methods if not m.uses_pretrained}
         kinds = result["sum_statistics"]["kinds"]
         log(f"[{name}] {label}: norm scale CV {result['norm_scales']['mean_cv']:.3f}; mean |s|/|x|_1 "

@@ -181,8 +181,10 @@ PRETRAININGS = (STANDARD, NONUNIFORM_NORMS)
 LEARNED = 0.9
 
 
-def pretrain(task: Task, steps: int, how: Pretraining) -> tuple[nn.Module, dict[str, Any]]:
-    """The source model (frozen), seed 0, and what its pre-training did."""
+def pretrain(task: Task, steps: int, how: Pretraining,
+             progress: Callable[[str], None] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The source model (frozen), seed 0, and what its pre-training did; ``progress`` gets
+    a line every 20 seconds or so."""
     torch.manual_seed(0)
     model = task.make_model()
     factor = how.norm_lr_factor(task)
@@ -194,7 +196,7 @@ def pretrain(task: Task, steps: int, how: Pretraining) -> tuple[nn.Module, dict[
         params = [{"params": [p for p in model.parameters() if id(p) not in ids]},
                   {"params": norms, "lr": PRETRAIN_LR * factor, "weight_decay": how.norm_weight_decay}]
     start = time.perf_counter()
-    loss = fit(task, model, params, task.source["train"], steps, PRETRAIN_LR, seed=0)
+    loss = fit(task, model, params, task.source["train"], steps, PRETRAIN_LR, seed=0, progress=progress)
     seconds = time.perf_counter() - start
     acc, _ = evaluate(task, model, *task.source["test"])
     for p in model.parameters():

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Union
 
 import torch
@@ -63,9 +65,12 @@ def schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler
 
 
 def fit(task: Task, module: nn.Module, params: Params, data: tuple[torch.Tensor, torch.Tensor],
-        steps: int, lr: float, seed: int) -> float:
-    """AdamW + warm-up/cosine for ``steps`` batches; returns the mean loss of the last 10% of steps."""
+        steps: int, lr: float, seed: int, progress: Callable[[str], None] | None = None,
+        every_s: float = 20.0) -> float:
+    """AdamW + warm-up/cosine for ``steps`` batches; returns the mean loss of the last 10% of steps.
+    With ``progress``, a line ("step i/steps, loss ...") every ``every_s`` seconds."""
     x, y = data
+    last = time.perf_counter()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY)
     sched = schedule(opt, steps)
     g = torch.Generator().manual_seed(seed)
@@ -80,4 +85,7 @@ def fit(task: Task, module: nn.Module, params: Params, data: tuple[torch.Tensor,
         sched.step()
         if step >= steps - max(1, steps // 10):
             tail.append(loss.item())
+        if progress is not None and time.perf_counter() - last >= every_s:
+            last = time.perf_counter()
+            progress(f"step {step + 1}/{steps}, loss {loss.item():.3f}")
     return statistics.fmean(tail)
