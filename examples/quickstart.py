@@ -32,7 +32,8 @@ for step in range(30):
     if step % 10 == 0 or step == 29:
         print(f"step {step:2d}  loss {loss.item():.4f}")
 
-# The base weights are shared with `model` and never moved; other batch and sequence
-# sizes work because the capture is dynamic.
-print("base weight shared and unchanged:", gm.lm_head.weight is model.lm_head.weight)
+# The base weights share `model`'s storage (no copy) and never moved; `model` keeps its
+# own Parameter objects. Other batch and sequence sizes work: the capture is dynamic.
+print("base weight shared:", gm.lm_head.weight.data_ptr() == model.lm_head.weight.data_ptr(),
+      "and the model still trainable:", model.lm_head.weight.requires_grad)
 print("other shape:", tuple(gm(input_ids=torch.randint(0, 64, (3, 5))).logits.shape))

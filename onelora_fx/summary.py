@@ -55,7 +55,8 @@ def weight_lines(accounting: Accounting, sites: Sequence[LinearSite]) -> list[st
     classes = accounting.classify(sites)
     total = max(1, sum(accounting.sizes.values()))
     parts = [f"{n} {cls} ({100 * size / total:.1f}%)" for cls, n, size in accounting.summary(classes)]
-    lines = [f"weights (>= 2-D, {len(classes)}): " + ", ".join(parts)]
+    parts[0] = parts[0].replace("%)", "% of their values)", 1)
+    lines = [f"{len(classes)} weights: " + ", ".join(parts)]
     unadapted = accounting.unadapted()
     if unadapted:
         lines.append("unadapted: " + ", ".join(f"{name} ({op})" for name, op in unadapted.items()))

@@ -111,12 +111,8 @@ def test_merge_handwritten(name, dtype, seed):
     assert len(merged.graph.nodes) == len(base_capture(model).graph.nodes)
     if dtype == torch.float32:
         close(merged(x), gm(x))
-    else:  # no worse than the adapted module's own bfloat16 error against float32
-        ref = copy.deepcopy(gm).float()
-        x32 = x.float() if x.is_floating_point() else x
-        err_adapted = (gm(x).float() - ref(x32)).abs().max()
-        err_merged = (merged(x).float() - ref(x32)).abs().max()
-        assert err_merged <= 2 * err_adapted + 1e-2
+    else:  # the folded weights rounded once to bfloat16: bfloat16's tolerance
+        close(merged(x).float(), gm(x).float(), torch.bfloat16)
     if name == "tied":  # the head got its own merged copy: the embedding keeps the original
         assert merged.get_parameter("lm_head.weight") is not merged.get_parameter("embed.weight")
         assert torch.equal(merged.get_parameter("embed.weight"), model.embed.weight)

@@ -77,29 +77,33 @@ def test_module_form_of_every_linear_form_matches_listing1(name):
     torch.manual_seed(0)
     model = MODULES[name]()
     x = example(name, (3, 5), 8, 4)
-    gm = ol.transform(model, "all-linear" if name.startswith("tied") else "all", capture="module")
+    gm = ol.transform(model, "all", capture="module")  # tied heads too: the merge case that matters
     assert isinstance(gm, type(model)) and type(gm).__name__ == type(model).__name__
     assert torch.equal(gm(x), model(x))
     bs = randomize_adapters(gm, 2)
     tol = tolerance(torch.float32)
     torch.testing.assert_close(gm(x), model.reference(x, bs), rtol=tol["rtol"], atol=tol["atol"])
+    if name == "tied_fn":  # F.linear(h, embed.weight) next to the lookup, one name: merge refuses
+        with pytest.raises(ol.MergeError, match="embed.weight is read by the adapted linear"):
+            ol.merge(gm)
+        return
     merged = ol.merge(gm)
     torch.testing.assert_close(merged(x), gm(x), rtol=tol["rtol"], atol=tol["atol"])
     assert all(type(m) is type(model.get_submodule(n)) for n, m in merged.named_modules()), "merge restores every class"
 
 
-def test_checkpoints_and_gradient_checkpointing(tmp_path):
+def test_checkpoints_and_activation_checkpointing(tmp_path):
     model = llama()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         gm = ol.transform(model, capture="module", example_kwargs={"input_ids": IDS})
     randomize_adapters(gm, 6)
     gm.train()
-    gm.gradient_checkpointing_enable()
+    gm.activation_checkpointing_enable()  # transformers 5 name of gradient_checkpointing_enable
     out = gm(input_ids=IDS, labels=IDS, use_cache=False)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in ol.adapter_parameters(gm).items()}
-    gm.gradient_checkpointing_disable()
+    gm.activation_checkpointing_disable()
     gm.zero_grad()
     gm(input_ids=IDS, labels=IDS, use_cache=False).loss.backward()
     for n, p in ol.adapter_parameters(gm).items():

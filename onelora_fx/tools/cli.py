@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import logging
 import os
 import re
 import sys
@@ -120,7 +121,7 @@ def _inspect(args: argparse.Namespace) -> int:
     vectors = {s.adapter_name: s.out_features * (s.experts or 1) for s in chosen}
     total = sum(p.numel() for p in model.parameters())
     print()
-    print(f"{args.model}: {_plural(len(found), 'linear site')}, {_plural(len({s.weight_name for s in found}), 'weight')}")
+    print(f"{args.model}: {_plural(len(found), 'linear site')} on {_plural(len({s.weight_name for s in found}), 'weight')}")
     print(f"pattern {describe(pattern if pattern is not None else 'all-linear')!r}"
           + (f" minus {describe(exclude)!r}" if exclude is not None else "")
           + f" selects {_plural(len(chosen), 'site')}: {sum(vectors.values()):,} trainable parameters "
@@ -141,6 +142,11 @@ def _demo(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out}: cannot write there ({e.strerror or e}); give a folder you can write to") from None
     if args.threads < 1:
         raise UsageError(f"--threads {args.threads}: give 1 or more")
+    # transformers imports torchao when it is installed (the `quant` extra), and torchao logs a
+    # WARNING for each CUDA kernel library a CPU build cannot load, torch one per torchao enum:
+    # noise on a CPU machine, and the demo is an application, so it quiets those two loggers.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     demo.run(quick=args.quick, out_dir=out, threads=args.threads)
     return 0
 
