@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -44,6 +45,28 @@ def nf4(model: nn.Module) -> nn.Module:
 
 
 QUANTIZE = {"int8": (int8, "torchao"), "nf4": (nf4, "bitsandbytes")}
+
+
+def bnb_layers(model: nn.Module, kind: str) -> nn.Module:
+    """Every decoder linear as a bitsandbytes ``Linear4bit`` FP4 or ``Linear8bitLt`` layer."""
+    import bitsandbytes as bnb
+
+    def make(child: nn.Linear) -> nn.Module:
+        if kind == "fp4":
+            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                  compute_dtype=torch.float32, quant_type="fp4", device="meta")
+            q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="fp4", module=q).to("cpu")
+        else:
+            q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                    has_fp16_weights=False, device="meta")
+            q.weight = bnb.nn.Int8Params(child.weight.data.clone(), requires_grad=False, has_fp16_weights=False).to("cpu")
+        return q
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and name != "lm_head":
+                setattr(parent, name, make(child))
+    return model
 
 
 @pytest.fixture(scope="module", params=sorted(QUANTIZE))
@@ -125,3 +148,26 @@ def test_peft_loads_the_adapter_onto_the_bitsandbytes_model(tmp_path):
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["r"] == 1
     served = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "peft")).eval()
     assert_close(served(input_ids=IDS).logits, gm(input_ids=IDS).logits, torch.float32, "PEFT on NF4")
+
+
+@pytest.mark.parametrize("kind", ["fp4", "int8-lt"])
+def test_other_bitsandbytes_layers_match_the_hooked_model_and_merge(kind):
+    """FP4 ``Linear4bit`` and ``Linear8bitLt``: the same sites, numbers and merge as NF4."""
+    pytest.importorskip("bitsandbytes")
+    model = bnb_layers(randomize_norms(tiny_llama(hidden_size=64, intermediate_size=128)), kind)
+    gm = quiet_transform(model, "all-linear", example_kwargs={"input_ids": IDS})
+    adapted = [s for s in ol.sites(gm) if s.adapted]
+    assert len(adapted) == 14 and {s.quantized for s in adapted} == {"Linear4bit" if kind == "fp4" else "Linear8bitLt"}
+    randomize_adapters(gm, 7, scale=0.05)
+    ref, vectors = hooked(model, gm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Linear8bitLt: "inputs will be cast from torch.float32 to float16"
+        out, expected = gm(input_ids=IDS).logits, ref(input_ids=IDS).logits
+        assert_close(out, expected, torch.float32, "output")
+        out.square().mean().backward()
+        expected.square().mean().backward()
+        for name, b in vectors.items():
+            assert_close(gm.get_parameter(name).grad, b.grad, torch.float32, f"{name} gradient")
+        merged = ol.merge(gm)
+        assert_close(merged(input_ids=IDS).logits, out.detach(), torch.float32, "merged")
+    assert all(type(m) is nn.Linear for n, m in merged.named_modules() if n.endswith("_proj"))
