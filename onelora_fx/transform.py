@@ -19,6 +19,7 @@ from torch import nn
 
 from .forms.graph.capture import CaptureError, first_line, mode_warning, why_export_failed
 from .analysis.accounting import Accounting, warn_unadapted
+from .compat import is_dtensor
 from .forms import Captured, Form, GraphForm, ModuleForm
 from .forms.base import refuse_adapter_ids
 from .forms.module.form import has_quantized
@@ -113,6 +114,17 @@ def _take(model: nn.Module, args: tuple, kwargs: dict, method: Capture, dynamic:
         # a captured graph shows no linear call on a quantized weight (torchao's are
         # decomposed into integer ops, bitsandbytes' do not export): the model's own class
         log.info("%s holds quantized linears: adapting it in the module form", type(model).__name__)
+        return ModuleForm(), ModuleForm().capture(model, args, kwargs, dynamic, Capture.MODULE)
+    parallel = next((n for n, p in model.named_parameters() if is_dtensor(p)), None)
+    if parallel is not None:
+        # tensor parallelism hooks the forward of the model's own linear layers, which a
+        # captured graph never calls (it reads their weights with get_attr)
+        if method is not Capture.AUTO:
+            raise CaptureError(
+                f"{type(model).__name__}'s parameters are DTensors ({parallel}: tensor parallelism or FSDP2): a "
+                f"captured graph (capture={method.value!r}) does not call the parallelized modules. Use "
+                "capture='module' (or 'auto', which picks it).", {})
+        log.info("%s holds DTensor parameters (%s): adapting it in the module form", type(model).__name__, parallel)
         return ModuleForm(), ModuleForm().capture(model, args, kwargs, dynamic, Capture.MODULE)
     try:
         return GraphForm(), GraphForm().capture(model, args, kwargs, dynamic, method)

@@ -842,3 +842,51 @@ def test_dcp_saved_on_two_ranks_loads_on_four(tp_ranks, two_d_ranks, which):
 def test_dcp_saved_on_four_ranks_loads_on_one_process(tp_reference, two_d_ranks):
     saver = _scenario_of(two_d_ranks, "train")[0]
     _assert_loaded(_load_on_one_process(tp_reference["tmp"], "2d"), saver, "2-D checkpoint on one process")
+
+
+_PARALLELIZED_FIRST = """
+import os, sys, warnings
+sys.path.insert(0, {tests!r})
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str({port}), RANK="0", WORLD_SIZE="1")
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+import onelora_fx as ol
+from toolkit import IDS, tiny_llama
+dist.init_process_group("gloo")
+model = tiny_llama()
+for layer in model.model.layers:
+    parallelize_module(layer, init_device_mesh("cpu", (1,)), {{"self_attn.q_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel()}})
+for capture in ("fx", "export"):
+    try:
+        ol.transform(model, capture=capture, example_kwargs={{"input_ids": IDS}})
+        print(capture, "no error")
+    except ol.CaptureError as e:
+        print(capture, e)
+with warnings.catch_warnings():
+    warnings.simplefilter("error")  # auto takes the module form at once: no fallback warning
+    gm = ol.transform(model, example_kwargs={{"input_ids": IDS}})
+gm(input_ids=IDS).logits.sum().backward()
+print("auto", type(gm).__name__, sum(p.grad is not None for p in ol.adapter_parameters(gm).values()))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_a_parallelized_model_takes_the_module_form_and_graph_captures_say_why():
+    """Weights that are DTensors: ``auto`` takes the module form directly; ``fx`` and
+    ``export`` refuse with the reason and what to pass (one gloo rank is enough)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = _PARALLELIZED_FIRST.format(tests=str(Path(__file__).parent), port=port)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in run.stdout.strip().splitlines())
+    for capture in ("fx", "export"):
+        assert "are DTensors" in lines[capture] and "capture='module'" in lines[capture], lines[capture]
+    assert lines["auto"] == "LlamaForCausalLM 14", lines["auto"]
