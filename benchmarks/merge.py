@@ -83,6 +83,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.update_results and args.quick:
         parser.error("--update-results records a full run into benchmarks/results/: not with --quick")
+    if args.json and args.quick and args.json.resolve().parent == RESULTS:
+        parser.error("--json into benchmarks/results/ records a full run there: not with --quick")
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)

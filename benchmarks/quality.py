@@ -185,7 +185,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         holds, lines = paper_statement(tasks, p.key)
         paper[p.key] = {"holds": holds, "statement": lines}
     report = {
-        "command": "python benchmarks/quality.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python", "benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)]),
         "mode": mode,
         "wall_s": time.perf_counter() - began,
         "resumed_runs": saved.resumed,  # fine-tuning runs taken from an earlier, stopped run

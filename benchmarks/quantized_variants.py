@@ -40,7 +40,7 @@ BASE_LABEL = {"fp32": "fp32", "int8": "torchao int8 weight-only", "nf4": "bitsan
 
 
 # ---------------------------------------------------------------- the task
-def bigram_table(size: dict) -> torch.Tensor:
+def bigram_table(size: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed random sparse bigram over ``task_tokens`` of the vocabulary: each token has
     4 successors with probabilities (0.55, 0.25, 0.15, 0.05). Entropy floor ~1.1 nats."""
     g = torch.Generator().manual_seed(1234)
@@ -159,6 +159,8 @@ def torch_alloc_peak(fn: Callable[[], object]) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
+    # private profiler internals (kineto's raw events, the DeviceType enum): the public
+    # key_averages() has no time order, which a peak needs; may need updating with torch
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]" and e.device_type() == torch._C._autograd.DeviceType.CPU)
     return max(itertools.accumulate((nb for _, nb in events), initial=0))

@@ -308,6 +308,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.update_results and args.quick:
         parser.error("--update-results records a full run into benchmarks/results/: not with --quick")
+    if args.warmup is not None and args.warmup < 1:
+        parser.error("--warmup must be >= 1: a compiled variant's compile time is its first step minus the warm steps'")
     rounds = args.rounds if args.rounds is not None else 3 if args.quick else 20
     warmup = args.warmup if args.warmup is not None else 1 if args.quick else 2
     cuda = args.device == "cuda"

@@ -28,6 +28,7 @@ from onelora_fx.tools import zoo
 parser = argparse.ArgumentParser()
 parser.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard instead of DDP")
 parser.add_argument("--steps", type=int, default=10)
+parser.add_argument("--batch", type=int, default=8, help="global batch (sequences); a multiple of the number of ranks")
 args = parser.parse_args()
 
 cuda = torch.cuda.is_available()
@@ -64,12 +65,13 @@ else:
 trained = ol.adapter_parameters(gm)  # after fully_shard: FSDP2 swaps in sharded tensors
 opt = torch.optim.AdamW(trained.values(), lr=3e-3)
 
-# One fixed global batch of 8 sequences; each rank takes its 8 / world of them. The loss is
+# One fixed global batch (8 sequences by default); each rank takes batch / world of them. The loss is
 # a mean over equal shards, and DDP / FSDP2 average gradients over ranks, so every step
 # follows the gradient of the mean loss over the global batch.
-if 8 % world:
-    raise SystemExit(f"the global batch of 8 does not split evenly over {world} ranks")
-ids = torch.randint(0, vocab, (8, 16), generator=torch.Generator().manual_seed(1)).to(device)
+if args.batch % world:
+    raise SystemExit(f"the global batch of {args.batch} does not split evenly over {world} ranks: "
+                     f"give --batch a multiple of {world}")
+ids = torch.randint(0, vocab, (args.batch, 16), generator=torch.Generator().manual_seed(1)).to(device)
 local = ids.chunk(world)[rank]
 for step in range(args.steps):
     logits = net(input_ids=local).logits

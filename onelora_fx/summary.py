@@ -55,7 +55,7 @@ def weight_lines(accounting: Accounting, sites: Sequence[LinearSite]) -> list[st
     classes = accounting.classify(sites)
     total = max(1, sum(accounting.sizes.values()))
     parts = [f"{n} {cls} ({100 * size / total:.1f}%)" for cls, n, size in accounting.summary(classes)]
-    parts[0] = parts[0].replace("%)", "% of their values)", 1)
+    parts[0] = parts[0].replace("%)", "% of all weight values)", 1)
     lines = [f"{len(classes)} weights: " + ", ".join(parts)]
     unadapted = accounting.unadapted()
     if unadapted:

@@ -219,9 +219,10 @@ def transform(
     Returns a module called exactly like ``model`` that computes
     ``linear(x) + b * x.sum(-1, keepdim=True)`` at every selected site, with one
     trainable ``b`` (zeros) per weight, registered next to it (``<owner>.onelora_b``).
-    Base parameters are frozen and shared with ``model`` (no copy); ``train`` adds
-    trainable copies of ``"bias"``, ``"norm"`` or ``"head"`` parameters. ``model``
-    itself is never changed, except that its parameters are frozen.
+    Base parameters are shared with ``model`` (the same storage, no copy) in Parameter
+    objects of the result's own, which are frozen; ``train`` adds trainable copies of
+    ``"bias"``, ``"norm"`` or ``"head"`` parameters. ``model`` itself is never changed
+    (its ``requires_grad``, dtype, device, hooks and modes stay as they were).
 
     The result is a ``torch.fx.GraphModule`` (the graph form) when a graph capture works
     (``capture="auto"``, ``"fx"``, ``"export"``), or a copy of the model's own class with

@@ -1,6 +1,6 @@
 """benchmarks/quality.py --quick runs end to end and writes a complete, consistent report.
 
-About 2-3 minutes on 2 cores (four small pre-trainings: two per task; ten methods on
+About 6 minutes on 2 busy cores (four small pre-trainings: two per task; ten methods on
 each pre-trained model; one export per model). Skipped where the benchmark's extra
 dependencies are not installed. Every verdict the report states is recomputed here from
 the per-method numbers in the JSON.

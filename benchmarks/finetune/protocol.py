@@ -141,7 +141,7 @@ def compare_methods(task: Task, pretrained: nn.Module, budget: Budget, methods: 
     for m in to_run:
         results[m.key].update(saved.get(f"{where}/method/{m.key}") or {})
     total = len(to_run) * len(budget.seeds) + len(to_run) * (len(budget.lr_points) - 1)
-    done = sum(1 for k in saved.data["entries"] if k.startswith(f"{where}/run/"))
+    done = sum(1 for m in to_run for k in saved.data["entries"] if k.startswith(f"{where}/run/{m.key}/"))
     if done:
         log(f"[{name}] {done} of {total} fine-tuning runs from the saved results")
 

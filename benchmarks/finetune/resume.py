@@ -7,7 +7,7 @@
   learning rate, seed: metrics and seconds), each method's one-off figures (trainable
   parameters, memory estimate), 1LoRA's trained vectors (the deployment check reloads
   the selected run's) and each deployment check; rewritten after each of them;
-* ``<task>-<pre-training>.pt``: the pre-trained models' weights.
+* ``<task>-<pre-training>-pretrain.pt``: the pre-trained models' weights.
 
 A rerun with the same ``--out`` and mode loads them and runs only what is missing (the
 runs are seeded, so a resumed result is the one an uninterrupted run gives, up to the

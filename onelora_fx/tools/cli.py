@@ -142,11 +142,6 @@ def _demo(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out}: cannot write there ({e.strerror or e}); give a folder you can write to") from None
     if args.threads < 1:
         raise UsageError(f"--threads {args.threads}: give 1 or more")
-    # transformers imports torchao when it is installed (the `quant` extra), and torchao logs a
-    # WARNING for each CUDA kernel library a CPU build cannot load, torch one per torchao enum:
-    # noise on a CPU machine, and the demo is an application, so it quiets those two loggers.
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
     demo.run(quick=args.quick, out_dir=out, threads=args.threads)
     return 0
 
@@ -181,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # transformers imports torchao when it is installed (the `quant` extra), and torchao logs a
+    # WARNING for each CUDA kernel library a CPU build cannot load, torch one per torchao enum:
+    # noise on a CPU machine; this command is an application, so it quiets those two loggers.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         return args.run(args)
     except UsageError as e:
