@@ -54,9 +54,10 @@ committed copies the README quotes (not with ``--quick``). Progress: one line pe
 pre-training (and every 20 s within it) and per fine-tuning run, with the elapsed seconds.
 
 Stopped and rerun: every pre-trained model, fine-tuning run and deployment check is saved
-as soon as it is done, in ``DIR/quality-partial-quick/`` or ``DIR/quality-partial-default/``
-(``finetune/resume.py``); a rerun with the same ``--out`` and mode runs only what is
-missing. ``--fresh`` starts over; a finished run deletes that folder.
+as soon as it is done, in ``DIR/quality-partial-quick/<task>/`` or
+``DIR/quality-partial-default/<task>/`` (``finetune/resume.py``); a rerun with the same
+``--out`` and mode runs only what is missing. ``--fresh`` starts over; a finished run
+deletes that folder. ``--jobs 2`` runs the two tasks side by side in two processes.
 
     python benchmarks/quality.py --quick          # one seed, one rate, short runs: ~6 minutes on 2 busy cores
     python benchmarks/quality.py                  # default, ~16 minutes on 2 cores (more when busy)
@@ -108,6 +109,9 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--methods", nargs="+", default=[m.key for m in METHODS], choices=[m.key for m in METHODS],
                         help="subset of methods (1LoRA is always run: the deployment check needs it)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="tasks run side by side in this many processes (default 1; the tasks are independent "
+                             "and each seeds its own runs, so 2 uses both cores of a 2-core machine)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: these models are too small to gain from more, "
                              "and one thread keeps timings comparable on a shared machine)")
@@ -153,6 +157,22 @@ def protocol(budget: Any, methods: list[Any]) -> dict[str, Any]:
     }
 
 
+def _run_task(name: str, quick: bool, keys: list[str], threads: int, folder: Path, fresh: bool,
+              began: float) -> tuple[dict[str, Any], int]:
+    """One task, in this process or a worker process: its result and how many runs were
+    taken from saved results. Each task saves its partial results in a folder of its own."""
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")
+    budget = QUICK if quick else DEFAULT
+
+    def log(line: str) -> None:
+        print(f"{time.time() - began:7.1f}s  {line}", flush=True)
+
+    saved = Saved(folder / name, fingerprint(budget, threads), fresh, log)
+    result = run_task(name, budget, [m for m in METHODS if m.key in keys], log, saved)
+    return result, saved.resumed
+
+
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse(argv)
     torch.set_num_threads(args.threads)
@@ -161,6 +181,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     mode = "quick" if args.quick else "default"
     args.out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
+    wall0 = time.time()  # the workers' clock for the log lines
 
     def log(line: str) -> None:
         print(f"{time.perf_counter() - began:7.1f}s  {line}", flush=True)
@@ -168,13 +189,24 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     warnings.filterwarnings("ignore")  # PEFT, torch.export and onelora_fx chatter; errors still raise
     partial = args.out / f"quality-partial-{mode}"
     log(f"{mode} mode: tasks {', '.join(args.tasks)}; {len(methods)} methods; seeds {list(budget.seeds)}; "
-        f"partial results saved as they come in {partial}")
+        f"{args.jobs} process(es); partial results saved as they come in {partial}")
+    keys = [m.key for m in methods]
+    jobs = [(name, args.quick, keys, args.threads, partial, args.fresh, wall0) for name in args.tasks]
     try:
-        saved = Saved(partial, fingerprint(budget, args.threads), args.fresh, log)
+        if args.jobs > 1 and len(args.tasks) > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # spawn, not fork: a forked child would inherit torch's thread pools mid-state
+            with ProcessPoolExecutor(min(args.jobs, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+                done = list(pool.map(_run_task, *zip(*jobs)))
+        else:
+            done = [_run_task(*job) for job in jobs]
     except Mismatch as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    tasks = {name: run_task(name, budget, methods, log, saved) for name in args.tasks}
+    tasks = {name: result for name, (result, _) in zip(args.tasks, done)}
+    resumed = sum(n for _, n in done)
     explained: list[str] = []
     for name, t in tasks.items():
         t["explanation"] = explanation(t)
@@ -188,7 +220,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "command": " ".join(["python", "benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)]),
         "mode": mode,
         "wall_s": time.perf_counter() - began,
-        "resumed_runs": saved.resumed,  # fine-tuning runs taken from an earlier, stopped run
+        "resumed_runs": resumed,  # fine-tuning runs taken from an earlier, stopped run
         "environment": {"torch": torch.__version__, "python": platform.python_version(), "threads": args.threads,
                         "machine": platform.machine()},
         "protocol": protocol(budget, methods),
@@ -205,7 +237,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             if path.resolve() != (RESULTS / path.name).resolve():
                 shutil.copyfile(path, RESULTS / path.name)
                 written.append(RESULTS / path.name)
-    saved.done()
+    shutil.rmtree(partial, ignore_errors=True)  # finished: the saved partial results are no longer needed
     for p in PRETRAININGS:
         labels = sorted({t["variants"][p.key]["label"] for t in tasks.values()})
         print(f"\n=== {' / '.join(labels)} ===\n")
@@ -225,7 +257,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     for line in explained:
         print(line)
     print(f"\nwrote {', '.join(str(p) for p in written)} in {report['wall_s']:.0f} s"
-          + (f" ({saved.resumed} fine-tuning runs taken from an earlier, stopped run)" if saved.resumed else ""))
+          + (f" ({resumed} fine-tuning runs taken from an earlier, stopped run)" if resumed else ""))
     return report
 
 

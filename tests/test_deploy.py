@@ -111,8 +111,14 @@ def test_merge_handwritten(name, dtype, seed):
     assert len(merged.graph.nodes) == len(base_capture(model).graph.nodes)
     if dtype == torch.float32:
         close(merged(x), gm(x))
-    else:  # the folded weights rounded once to bfloat16: bfloat16's tolerance
-        close(merged(x).float(), gm(x).float(), torch.bfloat16)
+    else:  # W + b 1ᵀ rounded to bfloat16 once: no worse than the adapted module's own
+        # bfloat16 error against float32 (a tolerance on merged vs adapted alone would
+        # compare two bfloat16 roundings, which differ by more than one ulp after a few layers)
+        ref = copy.deepcopy(gm).float()
+        x32 = x.float() if x.is_floating_point() else x
+        err_adapted = (gm(x).float() - ref(x32)).abs().max()
+        err_merged = (merged(x).float() - ref(x32)).abs().max()
+        assert err_merged <= 2 * err_adapted + 1e-2, (err_merged, err_adapted)
     if name == "tied":  # the head got its own merged copy: the embedding keeps the original
         assert merged.get_parameter("lm_head.weight") is not merged.get_parameter("embed.weight")
         assert torch.equal(merged.get_parameter("embed.weight"), model.embed.weight)

@@ -1,6 +1,6 @@
 """benchmarks/quality.py --quick runs end to end and writes a complete, consistent report.
 
-About 6 minutes on 2 busy cores (four small pre-trainings: two per task; ten methods on
+About 3 minutes on 2 cores with ``--jobs 2`` (four small pre-trainings: two per task; ten methods on
 each pre-trained model; one export per model). Skipped where the benchmark's extra
 dependencies are not installed. Every verdict the report states is recomputed here from
 the per-method numbers in the JSON.
@@ -34,7 +34,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("quality")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
+    # --jobs 2: the two tasks side by side, one thread each (CI has 2 cores)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--jobs", "2", "--out", str(out)],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert (out / "quality.png").stat().st_size > 10_000

@@ -5,6 +5,7 @@ first set-up command installs everything the blocks import."""
 from __future__ import annotations
 
 import ast
+import os
 import re
 import subprocess
 import sys
@@ -49,26 +50,48 @@ QUICKSTART, *SECTIONS = blocks() or [("", None)]
 MARK = "\n# ---- the section's block ----\n"
 
 
-def run(code: str, cwd: Path) -> str:
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, timeout=900)
-    assert proc.returncode == 0, f"README block failed:\n{code}\n--- stderr ---\n{proc.stderr[-4000:]}"
+def programs() -> list[str]:
+    """What each test runs: the Quickstart alone, then each block after the Quickstart."""
+    return [QUICKSTART[0]] + [QUICKSTART[0] + MARK + f"print({MARK!r})\n" + code for code, _ in SECTIONS]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[int, subprocess.CompletedProcess]:
+    """Every program in a fresh process of its own (own working folder), two at a time with
+    one torch thread each: the blocks are independent, and CI has 2 cores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def one(item: tuple[int, str]) -> subprocess.CompletedProcess:
+        i, code = item
+        cwd = tmp_path_factory.mktemp(f"block{i + 1}")
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=env, timeout=900)
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(enumerate(pool.map(one, enumerate(programs()))))
+
+
+def output_of(runs: dict[int, subprocess.CompletedProcess], i: int) -> str:
+    proc = runs[i]
+    assert proc.returncode == 0, f"README block failed:\n{programs()[i]}\n--- stderr ---\n{proc.stderr[-4000:]}"
     return proc.stdout
 
 
 @pytest.mark.slow
-def test_the_quickstart_runs_alone_and_prints_what_it_claims(tmp_path):
+def test_the_quickstart_runs_alone_and_prints_what_it_claims(runs):
     code, expected = QUICKSTART
     assert code, "README has no python blocks"
-    out = run(code, tmp_path)
+    out = output_of(runs, 0)
     assert expected is None or same_up_to_float_noise(out, expected), f"README claims:\n{expected}\nbut it prints:\n{out}"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(SECTIONS)), ids=lambda i: f"block{i + 2}")
-def test_each_block_runs_after_the_quickstart_alone(index, tmp_path):
+def test_each_block_runs_after_the_quickstart_alone(index, runs):
     """A reader jumps to the section they need: its block needs only the Quickstart."""
-    code, expected = SECTIONS[index]
-    out = run(QUICKSTART[0] + MARK + f"print({MARK!r})\n" + code, tmp_path)
+    _, expected = SECTIONS[index]
+    out = output_of(runs, index + 1)
     out = out.split(MARK, 1)[1].lstrip("\n") if MARK in out else out
     assert expected is None or same_up_to_float_noise(out, expected), f"README claims:\n{expected}\nbut it prints:\n{out}"
 

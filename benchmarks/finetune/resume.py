@@ -1,7 +1,8 @@
 """Results written as they come, and picked up again by a rerun.
 
 :class:`Saved` keeps, in a folder of its own under the benchmark's ``--out``
-(``quality-partial-quick/`` or ``quality-partial-default/``):
+(``quality-partial-quick/<task>/`` or ``quality-partial-default/<task>/``, one per task,
+so that tasks can run in processes of their own):
 
 * ``progress.json``: every pre-training's record, every fine-tuning run (method,
   learning rate, seed: metrics and seconds), each method's one-off figures (trainable
