@@ -49,8 +49,8 @@ def stack(gm: nn.Module, adapters: Union[Sequence[Adapter], Mapping[str, Adapter
 
     ``adapters`` are adapter files (:func:`onelora_fx.save_adapter`) or adapted modules
     of the same base, as a list or a dict (keys name them). The result is called like
-    ``gm`` with one more keyword, ``adapter_ids``: a 1-D integer tensor (any integer dtype) with one adapter index per
-    batch item, ``-1`` for the base model. ``gm`` itself is not changed.
+    ``gm`` with one more keyword, ``adapter_ids``: a 1-D integer tensor (any integer
+    dtype) with one adapter index per batch item, ``-1`` for the base model. ``gm`` itself is not changed.
 
     Example:
         >>> multi = ol.stack(gm, ["support.safetensors", "legal.safetensors"])   # doctest: +SKIP

@@ -2,8 +2,8 @@
 
 The copy (see :mod:`onelora_fx.copying`) has the model's classes, so everything the
 class offers keeps working: ``generate()`` with its KV cache, ``save_pretrained()``,
-``activation_checkpointing_enable()`` (``gradient_checkpointing_enable()`` before transformers 5), Hugging Face ``Trainer``, ``fully_shard`` layer by
-layer. Sites are found from a graph capture whenever one works (so names, heads and
+``activation_checkpointing_enable()`` (``gradient_checkpointing_enable()`` before
+transformers 5), Hugging Face ``Trainer``, ``fully_shard`` layer by layer. Sites are found from a graph capture whenever one works (so names, heads and
 layouts are the graph form's); where none works, from the module tree: ``nn.Linear``,
 GPT-2's ``Conv1D``, and Hugging Face expert modules (3-D ``gate_up_proj`` /
 ``up_proj`` / ``down_proj`` with ``is_transposed``), the head from
