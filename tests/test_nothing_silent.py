@@ -243,3 +243,29 @@ def test_every_weight_is_in_one_class_and_the_unadapted_are_named():
     assert not any("unused" in str(w.message) or "embed" in str(w.message) for w in caught)
     text = ol.summary(gm)
     assert "1 adapted" in text and "1 not selected" in text and "2 no matrix product" in text and "1 unadapted" in text, text
+
+
+def test_a_model_that_calls_vmap_keeps_its_vmap_levels_through_the_passes():
+    """Export records ``torch.vmap`` as calls that enter and leave a vmap level; the
+    leaving call's result is unused, and dead-code elimination must keep it anyway
+    (T5Gemma 2's masks: every call of the adapted graph failed)."""
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 6)
+
+        def forward(self, x):
+            keep = torch.vmap(lambda row: row.sum() > 0)(x)
+            return self.lin(x) * keep[:, None]
+
+    torch.manual_seed(0)
+    model, x = Masked(), torch.randn(4, 6)
+    gm = ol.transform(model, "all", capture="export", example_inputs=(x,))
+    assert torch.equal(gm(x), model(x)) and torch.equal(gm(x), model(x))  # twice: the level was left
+    b = gm.get_parameter("lin.onelora_b")
+    with torch.no_grad():
+        b.normal_()
+    expected = (model.lin(x) + b * x.sum(-1, keepdim=True)) * (x.sum(-1) > 0)[:, None]
+    torch.testing.assert_close(gm(x), expected)
+    torch.testing.assert_close(ol.merge(gm)(x), expected)

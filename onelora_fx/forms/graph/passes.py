@@ -19,10 +19,20 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 __all__ = ["GraphPass", "PassResult", "finalize"]
 
 
+def _impure(node: fx.Node) -> bool:
+    """What dead-code elimination must keep: fx's impure nodes, and the calls with which
+    an exported ``torch.vmap`` enters and leaves its level (``_vmap_increment_nesting`` /
+    ``_vmap_decrement_nesting``: the decrement's result is unused, yet dropping it leaves
+    the level open and the next batched op fails; transformers' masks use vmap)."""
+    return node.is_impure() or (
+        node.op == "call_function" and getattr(node.target, "__module__", "") == "torch._functorch.predispatch")
+
+
 def finalize(gm: fx.GraphModule, graph: Optional[fx.Graph] = None) -> None:
-    """Dead-code elimination, ``lint``, and ``recompile`` when ``graph`` is ``gm``'s own."""
+    """Dead-code elimination (keeping what :func:`_impure` says), ``lint``, and
+    ``recompile`` when ``graph`` is ``gm``'s own."""
     graph = gm.graph if graph is None else graph
-    graph.eliminate_dead_code()
+    graph.eliminate_dead_code(is_impure_node=_impure)
     graph.lint()
     if graph is gm.graph:
         gm.recompile()
