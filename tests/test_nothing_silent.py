@@ -269,3 +269,27 @@ def test_a_model_that_calls_vmap_keeps_its_vmap_levels_through_the_passes():
     expected = (model.lin(x) + b * x.sum(-1, keepdim=True)) * (x.sum(-1) > 0)[:, None]
     torch.testing.assert_close(gm(x), expected)
     torch.testing.assert_close(ol.merge(gm)(x), expected)
+
+
+def test_a_weight_read_both_ways_is_refused_not_adapted_wrongly():
+    """A square weight read as ``W`` by one call and as ``Wᵀ`` by another (NeoMME's
+    embedding projection and its unembedding): one ``b 1ᵀ`` would reach the transposed read
+    as ``1 bᵀ``, so training and merge would disagree. A PatternError says so and names
+    the calls; excluding them all adapts the rest."""
+
+    class BothWays(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8, bias=False)
+            self.out = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.proj(x)
+            return self.out(h @ self.proj.weight)  # the same weight, transposed
+
+    model, x = BothWays(), torch.randn(2, 8)
+    for capture in ("fx", "export", "module"):
+        with pytest.raises(ol.PatternError, match=r"proj.weight is read both as \[out, in\] and transposed"):
+            ol.transform(model, "all", capture=capture, example_inputs=(x,))
+    gm = quiet_transform(model, "all", exclude="proj*", example_inputs=(x,))
+    assert [s.name for s in ol.sites(gm) if s.adapted] == ["out"]

@@ -101,8 +101,9 @@ def select(sites: Sequence[LinearSite], pattern: Pattern, exclude: Pattern | Non
 
     Raises:
         TypeError: a pattern of the wrong type.
-        PatternError: the selection is empty, or chooses some calls of a shared weight
-            but not others (its one ``b`` would then be half-applied).
+        PatternError: the selection is empty, chooses some calls of a shared weight
+            but not others (its one ``b`` would then be half-applied), or chooses a
+            weight read both as ``[out, in]`` and transposed.
     """
     include = compile_pattern(pattern)
     chosen = [include(s) for s in sites]
@@ -129,5 +130,15 @@ def select(sites: Sequence[LinearSite], pattern: Pattern, exclude: Pattern | Non
             raise PatternError(
                 f"the pattern selects some calls of a shared weight but not others: {calls}. "
                 f"1LoRA adds one vector per weight ({name}); select all its calls or none."
+            )
+        layouts = {s.layout for s in group if s.selected}
+        if len(layouts) > 1:
+            # W + b 1ᵀ read transposed is Wᵀ + 1 bᵀ: that call would get (x @ b) 1ᵀ, not a
+            # 1LoRA term, so no one b can be both trained as 1LoRA and merged exactly
+            calls = ", ".join(f"{s.name} (call {s.call_index}: {s.layout.value})" for s in group)
+            raise PatternError(
+                f"the weight {group[0].weight_name} is read both as [out, in] and transposed, as [in, out]: {calls}. "
+                "1LoRA adds one vector b 1ᵀ to a weight, which a transposed read does not see as a 1LoRA term, "
+                "so this weight cannot be adapted: exclude its calls (exclude=[...] with the names above)."
             )
     return out
