@@ -8,9 +8,10 @@ placements.
 A weight ``[out, in]`` folds ``b[:, None]``; ``[in, out]`` folds ``b[None, :]``; expert
 weights ``[E, out, in]`` / ``[E, in, out]`` fold ``b[e]`` into each expert. The fold is
 computed a block of rows at a time (bounded float32 scratch for a bfloat16 weight), and
-every block is checked finite before anything is written: :func:`check` runs the same
-blocks as :func:`fold_into` without writing, so a bad ``b`` or an overflow is found
-before a weight changes.
+everything is checked finite before anything is written: :func:`check` bounds
+``max |W| + max |b|`` with one reduction over the weight and, only when that comes near
+the dtype's range (or ``W`` is not finite), runs the same blocks as :func:`fold_into`
+without writing, so a bad ``b`` or an overflow is found before a weight changes.
 """
 
 from __future__ import annotations
@@ -117,7 +118,12 @@ def check(weight: torch.Tensor, b: torch.Tensor, layout: Layout, name: str) -> O
                 "W + b 1ᵀ has no such weight to go into")
     if not torch.isfinite(b).all():
         return f"{name} has non-finite values"
-    for block, delta in _blocks(weight.detach(), b, layout):
+    with torch.no_grad():  # one reduction over the weight, no scratch: enough unless near the dtype's range
+        lo, hi = torch.aminmax(weight.detach())
+        bound = torch.maximum(lo.abs(), hi.abs()).to(torch.float32) + b.detach().abs().max().to(torch.float32)
+    if torch.isfinite(bound) and bound.item() < torch.finfo(weight.dtype).max / 2:
+        return None
+    for block, delta in _blocks(weight.detach(), b, layout):  # the exact check, block by block
         folded = (block.to(torch.float32) + delta).to(weight.dtype)
         if not torch.isfinite(folded).all():
             bad = torch.isfinite(block).all()
