@@ -35,7 +35,7 @@ for a folded weight its gradient summed over the input dimension.
 Outcomes (one per row):
   exact          every check passed;
   clean error    an exception of a type defined in onelora_fx, or a ValueError / TypeError /
-                 RuntimeError raised in onelora_fx code whose message says what to do (one of
+                 RuntimeError raised by a ``raise`` in onelora_fx code whose message says what to do (one of
                  the words use, pass, set, call, try, exclude, instead, install, upgrade, see);
                  ``says_what_to_do`` records whether the message has such a word;
   silent skip    a live called linear neither adapted nor named in a warning (listed);
@@ -94,7 +94,9 @@ def classify(e: BaseException) -> tuple[str, str]:
     msg = first_line(e)
     if type(e).__module__.split(".")[0] == "onelora_fx":
         return "clean error", f"{type(e).__name__}: {msg}"
-    raised_here = bool(frames) and frames[-1] in ours
+    # raised by a `raise` statement of onelora_fx (not a torch kernel failing inside our code,
+    # whose last Python frame is ours too: NeoMME's "Bad in-place call" once counted as clean)
+    raised_here = bool(frames) and frames[-1] in ours and (frames[-1].line or "").lstrip().startswith("raise")
     if isinstance(e, (ValueError, TypeError, RuntimeError)) and raised_here and HINT.search(str(e)):
         return "clean error", f"{type(e).__name__}: {msg}"
     return "crash", f"{type(e).__name__}: {msg}{where}"
