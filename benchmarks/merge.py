@@ -42,13 +42,13 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import onelora_fx as ol  # noqa: E402
+from publish import RESULTS, publish  # noqa: E402  (beside this script)
 from onelora_fx.tools import zoo  # noqa: E402
 from onelora_fx.state import Capture  # noqa: E402
 from onelora_fx.forms import GraphForm  # noqa: E402
 
 BENCHMARKS = Path(__file__).resolve().parent
 DEFAULT_OUT = BENCHMARKS / "out"  # ignored by git
-RESULTS = BENCHMARKS / "results"  # the committed copy (--update-results)
 QUICK = {"layers": 4, "hidden": 512, "intermediate": 1376, "repeats": 2, "rounds": 5}
 FULL = {"layers": 24, "hidden": 1024, "intermediate": 2816, "repeats": 3, "rounds": 20}
 STARTED = time.perf_counter()
@@ -179,10 +179,8 @@ def main(argv=None) -> dict:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(written[0], args.json)
         written.append(args.json)
-    if args.update_results and written[0].resolve() != (RESULTS / "merge.json").resolve():
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(written[0], RESULTS / "merge.json")
-        written.append(RESULTS / "merge.json")
+    if args.update_results:
+        written += publish(written[:1])
     log("wrote " + ", ".join(str(p) for p in written))
     return results
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
 import statistics
 import sys
 import time
@@ -48,10 +47,10 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import onelora_fx as ol  # noqa: E402
+from publish import publish  # noqa: E402  (beside this script)
 
 BENCHMARKS = Path(__file__).resolve().parent
 DEFAULT_OUT = BENCHMARKS / "out"  # ignored by git
-RESULTS = BENCHMARKS / "results"  # the committed copies (--update-results)
 BATCH, SEQ, VOCAB = 256, 16, 512
 STARTED = time.perf_counter()
 
@@ -241,11 +240,7 @@ def main(argv=None) -> dict:
     written[0].write_text(json.dumps(result, indent=2))
     plot(rows, written[1])
     if args.update_results:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        for path in list(written):
-            if path.resolve() != (RESULTS / path.name).resolve():
-                shutil.copyfile(path, RESULTS / path.name)
-                written.append(RESULTS / path.name)
+        written += publish(written)
     log("wrote " + ", ".join(str(p) for p in written))
     return result
 

@@ -83,6 +83,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # onelora_fx from 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the finetune package beside this script
 
 from finetune import report as rp  # noqa: E402
+from publish import publish  # noqa: E402  (beside this script)
 from finetune.methods import METHODS  # noqa: E402
 from finetune.protocol import DEFAULT, QUICK, run_task  # noqa: E402
 from finetune.resume import Mismatch, Saved  # noqa: E402
@@ -92,7 +93,6 @@ from finetune.verdict import CAVEAT, CLOSE, ORDER, explanation, explanation_line
 
 BENCHMARKS = Path(__file__).resolve().parent
 DEFAULT_OUT = BENCHMARKS / "out"  # ignored by git
-RESULTS = BENCHMARKS / "results"  # the committed copies (--update-results)
 
 
 def parse(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -232,11 +232,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     rp.write_json(report, written[0])
     rp.plot(tasks, written[1])
     if args.update_results:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        for path in list(written):
-            if path.resolve() != (RESULTS / path.name).resolve():
-                shutil.copyfile(path, RESULTS / path.name)
-                written.append(RESULTS / path.name)
+        written += publish(written)
     shutil.rmtree(partial, ignore_errors=True)  # finished: the saved partial results are no longer needed
     for p in PRETRAININGS:
         labels = sorted({t["variants"][p.key]["label"] for t in tasks.values()})

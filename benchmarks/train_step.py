@@ -79,7 +79,6 @@ import gc
 import json
 import os
 import random
-import shutil
 import statistics
 import subprocess
 import sys
@@ -94,10 +93,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step_variants import COMPILED_FLOOR, EAGER_FLOOR, FLOOR, SIZES, VARIANTS, Workload  # noqa: E402
+from publish import publish  # noqa: E402  (beside this script)
 
 BENCHMARKS = Path(__file__).resolve().parent
 DEFAULT_OUT = BENCHMARKS / "out"  # ignored by git
-RESULTS = BENCHMARKS / "results"  # the committed copies (--update-results)
 STARTED = time.perf_counter()
 QUICK_MEMORY = (FLOOR, "onelora_fx (eager)")  # --quick's memory processes
 
@@ -371,11 +370,7 @@ def main(argv=None) -> dict:
         except ImportError:
             print("matplotlib is not installed: no plot", file=sys.stderr)
     if args.update_results:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        for path in list(written):
-            if path.resolve() != (RESULTS / path.name).resolve():
-                shutil.copyfile(path, RESULTS / path.name)
-                written.append(RESULTS / path.name)
+        written += publish(written)
     log("wrote " + ", ".join(str(p) for p in written))
     return all_results
 
