@@ -7,6 +7,7 @@ test (:func:`reference.folded`)."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -102,6 +103,67 @@ def test_the_fallback_finds_a_raw_parameter_read_by_f_linear():
     gm = adapted_exactly(model, None, (torch.randn(3, 8),))
     assert {s.name for s in ol.sites(gm) if s.adapted} == {"fc", "router", "out"}
     assert "capture: module" in ol.summary(gm)
+
+
+class _Project(nn.Module):
+    def forward(self, h, w):
+        return F.linear(h, w)
+
+
+class _TiedBranchy(nn.Module):
+    """A model no capture takes whose output head is the embedding's weight: held by the
+    head under a second name (``tied``), or passed to the head as an argument."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.embed = nn.Embedding(16, 8)
+        self.body = nn.Linear(8, 8)
+        if how == "tied":
+            self.head = nn.Linear(8, 16, bias=False)
+            self.head.weight = self.embed.weight
+        else:
+            self.head = _Project()
+
+    def forward(self, ids):
+        h = self.body(self.embed(ids))
+        if h.sum() > -1e9:  # data-dependent: no graph capture
+            h = h * 2
+        return self.head(h) if self.how == "tied" else self.head(h, self.embed.weight)
+
+
+@pytest.mark.parametrize("how", ["tied", "passed"])
+def test_a_tied_head_in_a_model_no_capture_takes_is_adapted_where_it_is_called(how):
+    """The head's call is intercepted where it happens, not at the embedding that owns the
+    weight (whose forward never calls a linear: its b had no effect, silently; Gemma 3n).
+    Reference: the model with forward hooks adding ``b * h.sum(-1)`` to the body's and the
+    head's outputs, the embedding looking up the unchanged weight."""
+    torch.manual_seed(0)
+    model = _TiedBranchy(how).eval()
+    ids = torch.randint(0, 16, (2, 5))
+    gm = quiet_transform(model, "all", example_inputs=(ids,))
+    randomize_adapters(gm, 1, scale=0.05)
+    vectors = ol.adapter_parameters(gm)
+    head = next(s.adapter_name for s in ol.sites(gm) if s.adapted and s.weight is gm.get_submodule("embed").weight)
+    assert head == ("head.onelora_b" if how == "tied" else "embed.onelora_b")
+    ref = copy.deepcopy(model)
+    leaves = {}
+    for path, name in (("body", "body.onelora_b"), ("head", head)):
+        b = leaves[name] = vectors[name].detach().clone().requires_grad_(True)
+        ref.get_submodule(path).register_forward_hook(
+            lambda mod, inp, out, b=b: out + b * inp[0].sum(-1, keepdim=True))
+    out, want = gm(ids), ref(ids)
+    assert (want - model(ids)).abs().max() > 1e-2  # the head's b matters in the reference
+    assert_close(out, want, torch.float32, "adapted vs hooks")
+    out.square().sum().backward()
+    want.square().sum().backward()
+    for name, b in leaves.items():
+        assert_close(vectors[name].grad, b.grad, torch.float32, f"{name} gradient")
+    if how == "tied":  # the head's name gets its own folded copy; the embedding keeps the weight
+        assert_close(ol.merge(gm)(ids), out.detach(), torch.float32, "merged vs adapted")
+    else:  # one name for the lookup and the head: merge refuses, nothing changed
+        with pytest.raises(ol.MergeError, match="embed.weight is read by the adapted linear"):
+            ol.merge(gm)
 
 
 def test_llama4_trains_in_both_forms():

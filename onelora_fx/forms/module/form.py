@@ -172,14 +172,18 @@ def _graphable_experts(model: nn.Module) -> Iterator[None]:
 
 
 def _caller_of(root: nn.Module, s: LinearSite) -> str:
-    """Where a site's call is intercepted: the caller when it owns the weight or holds
-    its owner, else the owner itself."""
-    holds = s.caller == "" or s.owner == s.caller or s.owner.startswith(s.caller + ".")  # "" is the root
-    caller = s.caller if holds else s.owner
+    """Where a site's call is intercepted: the innermost module that makes the call and
+    holds the weight's owner. A weight read by a module that does not hold it (a weight
+    passed as an argument, a tied weight under another name) is intercepted at the
+    nearest module above both: the interception follows the tensor, not the path, and
+    the owner's own forward (an embedding lookup) would never see the call."""
+    caller = s.caller
     try:
         root.get_submodule(caller)
     except AttributeError:
-        caller = s.owner
+        return s.owner
+    while not (caller == "" or s.owner == caller or s.owner.startswith(caller + ".")):  # "" is the root
+        caller = caller.rpartition(".")[0]
     return caller
 
 

@@ -115,6 +115,14 @@ class _Recorder(WeightTracker):
         return out
 
 
+def _name_under(names: tuple[str, ...], caller: str) -> str:
+    """The name of a (tied) weight that the calling module holds, else its first name: an
+    output head tied to the embedding is ``lm_head.weight`` (the head's site, named as the
+    graph form names it), not ``embed_tokens.weight``, whose module never calls a linear."""
+    under = [n for n in names if caller and n.startswith(caller + ".")]
+    return min(under, key=lambda n: n.count(".")) if under else names[0]
+
+
 def record(model: nn.Module, args: tuple, kwargs: dict) -> tuple[list[LinearSite], Accounting]:
     """The sites and the weight readers of one forward of ``model`` with these inputs.
 
@@ -154,7 +162,7 @@ def record(model: nn.Module, args: tuple, kwargs: dict) -> tuple[list[LinearSite
     for c, head in unique.values():
         index = seen.get(c.weight, 0)
         seen[c.weight] = index + 1
-        owner, _, attr = c.weight.rpartition(".")
+        owner, _, attr = _name_under(recorder.accounting.names.get(c.weight, (c.weight,)), c.caller).rpartition(".")
         sites.append(LinearSite.of(owner, attr, recorder.params[c.weight], c.layout, c.kind, rows=c.rows,
                                    has_bias=c.has_bias, caller=c.caller, is_head=head, call_index=index,
                                    calls=per_weight[c.weight], **c.quantized))
