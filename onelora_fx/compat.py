@@ -27,6 +27,8 @@ from torch import fx
 __all__ = [
     "CONVENTIONS",
     "GROUPED_MM",
+    "HigherOrderOperator",
+    "REGIONS",
     "assert_async",
     "check",
     "is_dtensor",
@@ -34,11 +36,14 @@ __all__ = [
     "OpOverload",
     "counters",
     "compile_with_inductor",
+    "enter_autocast",
+    "exit_autocast",
     "export_specs",
     "is_view",
     "module_stack",
     "pytree",
     "route_forward",
+    "set_grad_enabled",
     "set_flat_codegen",
 ]
 
@@ -117,6 +122,28 @@ def module_stack(node: fx.Node) -> list[str]:
 # mixture-of-experts layers where F.grouped_mm does not exist; an expert site can be
 # either, so both are in the linear-op table.
 GROUPED_MM = (torch._grouped_mm, torch.ops.aten._grouped_mm.default)
+
+# torch._ops.HigherOrderOperator: the type of ``torch.ops.higher_order.*`` (``cond``,
+# ``scan``, ``wrap_with_set_grad_enabled``): ops that run a subgraph they are given.
+# Telling them apart is how accounting names a weight handed to a body it cannot follow.
+HigherOrderOperator = torch._ops.HigherOrderOperator
+
+
+# The blocks pre-dispatch ``torch.export`` wraps in a higher-order op: a
+# ``with torch.no_grad()`` / ``torch.enable_grad()`` / ``torch.autocast(...)`` block in a
+# forward becomes ``wrap_with_set_grad_enabled(enabled, body, *operands)`` /
+# ``wrap_with_autocast(device_type, dtype, enabled, cache_enabled, body, *operands)``
+# (torch._export.passes.replace_set_grad_with_hop_pass / replace_autocast_with_hop_pass);
+# for each op name, how many mode arguments precede the body. The names are torch's.
+REGIONS = {"wrap_with_set_grad_enabled": 1, "wrap_with_autocast": 4}
+# torch._C._set_grad_enabled: how such a block is entered and left inline; the call
+# pre-dispatch tracing records before it wraps the block, kept by fx's dead-code
+# elimination and by Dynamo (torch.set_grad_enabled is a context manager class).
+set_grad_enabled = torch._C._set_grad_enabled
+# torch.amp._enter_autocast: the same for an autocast block (returns the mode to leave).
+enter_autocast = torch.amp._enter_autocast
+# torch.amp._exit_autocast: leaves the mode _enter_autocast returned.
+exit_autocast = torch.amp._exit_autocast
 
 # ExportedProgram.module() checks a call's shape guards in a submodule it names
 # "_guards_fn" (torch.export._unlift); a second graph of the same module needs its own.

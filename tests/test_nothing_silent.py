@@ -166,6 +166,79 @@ def test_a_tied_head_in_a_model_no_capture_takes_is_adapted_where_it_is_called(h
             ol.merge(gm)
 
 
+class _Regions(nn.Module):
+    """Linears inside ``torch.no_grad()`` and ``torch.autocast(enabled=False)`` blocks:
+    pre-dispatch export calls such a block as a subgraph, the weights as operands."""
+
+    def __init__(self):
+        super().__init__()
+        self.frozen = nn.Linear(8, 8)
+        self.full = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 8)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.frozen(x)
+        with torch.autocast("cpu", enabled=False):
+            y = self.full(x)
+        return self.out(h + y)
+
+
+def test_linears_in_no_grad_and_autocast_blocks_are_sites_exactly_like_the_model_runs_them(tmp_path):
+    """Every linear is adapted (HRM runs most of its cycles under ``torch.no_grad()``; they
+    were left unadapted, silently); the no-grad block stays no-grad: its ``b`` changes the
+    output and gets no gradient, as a hook inside that block would. Reference: forward hooks
+    adding ``b * x.sum(-1)``; then merge, export and the compile backend give the same."""
+    torch.manual_seed(0)
+    model = _Regions().eval()
+    x = torch.randn(3, 8)
+    # symbolic_trace would run the blocks and record none of them: it refuses, auto exports
+    with pytest.raises(ol.CaptureError, match=r"changes the grad mode or autocast .*use capture='export'"):
+        ol.transform(copy.deepcopy(model), "all", capture="fx")
+    gm = quiet_transform(model, "all", example_inputs=(x,))
+    assert "capture: export" in ol.summary(gm)
+    assert {s.owner for s in ol.sites(gm) if s.adapted} == {"frozen", "full", "out"}
+    randomize_adapters(gm, 1, scale=0.05)
+    vectors = ol.adapter_parameters(gm)
+    ref, leaves = copy.deepcopy(model), {}
+    for path in ("frozen", "full", "out"):
+        b = leaves[path] = vectors[f"{path}.onelora_b"].detach().clone().requires_grad_(True)
+        ref.get_submodule(path).register_forward_hook(lambda mod, inp, out, b=b: out + b * inp[0].sum(-1, keepdim=True))
+    out, want = gm(x), ref(x)
+    assert_close(out, want, torch.float32, "adapted vs hooks")
+    out.square().sum().backward()
+    want.square().sum().backward()
+    assert vectors["frozen.onelora_b"].grad is None and leaves["frozen"].grad is None
+    for path in ("full", "out"):
+        assert_close(vectors[f"{path}.onelora_b"].grad, leaves[path].grad, torch.float32, f"{path} gradient")
+    assert torch.is_grad_enabled()  # the block restored the mode it changed
+    assert_close(ol.merge(gm)(x), out.detach(), torch.float32, "merged vs adapted")
+    program = ol.export(gm, (x,), path=tmp_path / "m.pt2")
+    assert_close(torch.export.load(tmp_path / "m.pt2").module()(x), out.detach(), torch.float32, "exported")
+    assert any("wrap_with_set_grad_enabled" in str(n.target) for n in program.graph.nodes)  # the block, again
+    torch._dynamo.reset()
+    assert_close(torch.compile(gm, backend="onelora")(x), out.detach(), torch.float32, "compiled vs adapted")
+
+
+def test_a_weight_handed_to_torch_cond_is_named_as_unadapted():
+    """A branch of ``torch.cond`` is a subgraph onelora_fx does not rewrite: its weight is
+    said to stay unadapted (it was counted as 'no matrix product', without a word)."""
+    torch.manual_seed(0)
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.c = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.c(torch.cond(x.sum() > 0, lambda x: self.a(x), lambda x: x * 2, (x,)))
+
+    x = torch.randn(2, 8)
+    with pytest.warns(UserWarning, match=r"not adapt: a\.weight \(cond\)"):
+        gm = ol.transform(Branchy(), "all", example_inputs=(x,), capture="export")
+    assert [s.owner for s in ol.sites(gm) if s.adapted] == ["c"]
+
+
 def test_llama4_trains_in_both_forms():
     """Llama 4 adds to a linear's output in place (``out.add_``): the op's output is no view."""
     cfg = transformers.Llama4TextConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64,

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..compat import GROUPED_MM, OpOverload
+from ..compat import GROUPED_MM, HigherOrderOperator, OpOverload
 
 __all__ = ["Kind", "Call", "read_call", "unwrap_transpose", "op_name", "is_matmul_like", "argument", "is_conv1d"]
 
@@ -217,10 +217,13 @@ _MATMUL_LIKE = {
 
 def is_matmul_like(op: str, target: Any) -> bool:
     """Ops that multiply by a weight in a way a linear layer could hide in: matmuls of any
-    batching, einsum, and custom ops (outside aten and prims) that may take a weight."""
+    batching, einsum, custom ops (outside aten and prims) that may take a weight, and
+    higher-order ops (``cond``, ``scan``) whose subgraph is handed the weight."""
     if op not in ("call_function", "call_method"):
         return False
     if op_name(op, target) in _MATMUL_LIKE:
+        return True
+    if isinstance(target, HigherOrderOperator):  # a subgraph handed the weight (cond, scan, map)
         return True
     qualified = _qualified(target)
     return qualified is not None and qualified.split("::")[0] not in ("aten", "prims", "onelora")

@@ -23,6 +23,7 @@ from torch import fx, nn
 from torch.export import Dim
 
 from . import modes
+from .regions import inline_regions
 from ...compat import export_specs, is_view, pytree
 from ...state import Capture
 
@@ -126,11 +127,32 @@ def fresh_examples(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return pytree.tree_map_only(torch.Tensor, fresh, (tuple(args), dict(kwargs)))
 
 
+def _grad_and_autocast() -> tuple:
+    """The modes a ``with`` block in a forward can change that a graph must keep."""
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+            *(torch.is_autocast_enabled(d) and torch.get_autocast_dtype(d) for d in ("cpu", "cuda")))
+
+
 class _Tracer(fx.Tracer):
     """``symbolic_trace``'s tracer, except that it does not stop at a torch.nn module
     that contains linear layers (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``):
     their linears would be invisible inside a leaf. It traces into them instead (and
     fails where their code cannot be traced, so ``capture='auto'`` takes export)."""
+
+    def trace(self, root: Any, concrete_args: Optional[dict[str, Any]] = None) -> fx.Graph:
+        self._modes = _grad_and_autocast()
+        return super().trace(root, concrete_args)
+
+    def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
+        # symbolic_trace runs `with torch.no_grad():` / `torch.autocast(...)` while tracing
+        # and records none of it: the graph would train what the model keeps frozen.
+        # Refuse, and `capture='auto'` takes torch.export, which keeps those blocks.
+        if _grad_and_autocast() != self._modes:
+            raise RuntimeError(
+                "the forward changes the grad mode or autocast (torch.no_grad(), torch.autocast(...)), "
+                "which torch.fx.symbolic_trace does not record; use capture='export'"
+            )
+        return super().create_node(*args, **kwargs)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if not super().is_leaf_module(m, qualname):
@@ -191,6 +213,7 @@ def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) ->
     in_spec, out_spec = export_specs(exported.graph)
     # A plain GraphModule over the same graph: torch's .module() disables train/eval.
     gm = fx.GraphModule(exported, exported.graph, class_name=type(model).__name__)
+    inline_regions(gm)  # linears under torch.no_grad() / autocast, where every pass sees them
     return Traced(gm, Capture.EXPORT, args, kwargs, in_spec, out_spec)
 
 
