@@ -97,8 +97,9 @@ def inline_regions(gm: fx.GraphModule) -> int:
             raise AssertionError(f"{node.format_node()}: {len(operands)} operands for {len(placeholders)} inputs")
         env.update(zip(placeholders, operands))
         outputs = None
+        empty = all(n.op in ("placeholder", "output") for n in body.graph.nodes)
         with graph.inserting_before(node):
-            entered = _enter(graph, kind, tuple(modes))
+            entered = () if empty else _enter(graph, kind, tuple(modes))  # (export leaves empty blocks)
             for inner in body.graph.nodes:
                 if inner.op == "placeholder":
                     continue
@@ -110,7 +111,8 @@ def inline_regions(gm: fx.GraphModule) -> int:
                     copy.target = _fresh_name(gm, inner.target.replace(".", "_"))
                     setattr(gm, copy.target, getattr(body, inner.target))
                 env[inner] = copy
-            _leave(graph, kind, entered)
+            if entered:
+                _leave(graph, kind, entered)
         for user in list(node.users):
             if user.op != "call_function" or user.target is not operator.getitem:
                 raise AssertionError(f"{node.format_node()} is read by {user.format_node()}, not by getitem")
