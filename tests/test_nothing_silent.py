@@ -239,6 +239,54 @@ def test_a_weight_handed_to_torch_cond_is_named_as_unadapted():
     assert [s.owner for s in ol.sites(gm) if s.adapted] == ["c"]
 
 
+class _Reverse(torch.autograd.Function):
+    """A gradient-reversal layer: identity forward, negated backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return -g
+
+
+class _Reversing(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.c(_Reverse.apply(self.a(x)))
+
+
+def test_a_custom_autograd_function_is_never_captured_without_its_backward():
+    """Graph captures record a custom Function's forward and drop its backward (YOSO's
+    attention; here a gradient reversal, which flips the sign of ``a``'s b gradient).
+    fx and export refuse, naming the Function; auto adapts the model in the module form,
+    whose gradients equal forward hooks on the model itself."""
+    torch.manual_seed(0)
+    model, x = _Reversing().eval(), torch.randn(3, 8)
+    for capture in ("fx", "export"):
+        with pytest.raises(ol.CaptureError, match=r"_Reverse.* backward of its own.*use capture='module'"):
+            ol.transform(copy.deepcopy(model), "all", example_inputs=(x,), capture=capture)
+    with pytest.warns(UserWarning, match="module form"):
+        gm = ol.transform(model, "all", example_inputs=(x,))
+    assert "capture: module" in ol.summary(gm)
+    randomize_adapters(gm, 1, scale=0.05)
+    vectors = ol.adapter_parameters(gm)
+    ref, leaves = copy.deepcopy(model), {}
+    for path in ("a", "c"):
+        b = leaves[path] = vectors[f"{path}.onelora_b"].detach().clone().requires_grad_(True)
+        ref.get_submodule(path).register_forward_hook(lambda mod, inp, out, b=b: out + b * inp[0].sum(-1, keepdim=True))
+    out, want = gm(x), ref(x)
+    assert_close(out, want, torch.float32, "adapted vs hooks")
+    out.square().sum().backward()
+    want.square().sum().backward()
+    for path in ("a", "c"):
+        assert_close(vectors[f"{path}.onelora_b"].grad, leaves[path].grad, torch.float32, f"{path} gradient")
+
+
 def test_llama4_trains_in_both_forms():
     """Llama 4 adds to a linear's output in place (``out.add_``): the op's output is no view."""
     cfg = transformers.Llama4TextConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64,

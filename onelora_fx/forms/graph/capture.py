@@ -21,10 +21,11 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import fx, nn
 from torch.export import Dim
+from torch.overrides import TorchFunctionMode
 
 from . import modes
 from .regions import inline_regions
-from ...compat import export_specs, is_view, pytree
+from ...compat import export_specs, is_view, pytree, set_grad_enabled
 from ...state import Capture
 
 __all__ = ["CaptureError", "NeedsExample", "Traced", "trace", "auto_dynamic_shapes", "first_line", "SharedView", "exportable"]
@@ -85,11 +86,16 @@ def why_export_failed(e: BaseException) -> str:
 def auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> Any:
     """Every dimension of every tensor input as ``Dim.AUTO``: torch.export keeps a dim
     dynamic unless the model pins it (channels, hidden sizes). Dimensions of size 1
-    stay static (torch would specialize them anyway, with a warning per dim)."""
+    stay static (torch would specialize them anyway, with a warning per dim), and so do
+    the sizes of an image (a floating tensor of 4 or more dims: only its batch is
+    dynamic): symbolic window partitions and patch grids can take torch's shape
+    reasoning many minutes (Swin: over 10 on a tiny config), and another resolution is
+    simply another capture."""
 
     def spec(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            return {d: Dim.AUTO for d in range(value.dim()) if value.shape[d] != 1} or None
+            dims = range(1) if value.is_floating_point() and value.dim() >= 4 else range(value.dim())
+            return {d: Dim.AUTO for d in dims if value.shape[d] != 1} or None
         if isinstance(value, (list, tuple)):
             return type(value)(spec(v) for v in value)
         if isinstance(value, dict):
@@ -148,6 +154,12 @@ class _Tracer(fx.Tracer):
         # and records none of it: the graph would train what the model keeps frozen.
         # Refuse, and `capture='auto'` takes torch.export, which keeps those blocks.
         if _grad_and_autocast() != self._modes:
+            function = _applied_function()
+            if function is not None:
+                raise RuntimeError(
+                    f"{function.__module__}.{function.__qualname__} is a torch.autograd.Function with a backward of "
+                    "its own, which torch.fx.symbolic_trace does not record; use capture='module'"
+                )
             raise RuntimeError(
                 "the forward changes the grad mode or autocast (torch.no_grad(), torch.autocast(...)), "
                 "which torch.fx.symbolic_trace does not record; use capture='export'"
@@ -203,12 +215,55 @@ def exportable(model: nn.Module, kwargs: dict) -> nn.Module:
     return SharedView(model, lambda *a, **k: model(*a, **k), signature.replace(parameters=named))
 
 
+class _FunctionWatch(TorchFunctionMode):
+    """Finds a custom ``torch.autograd.Function`` run while a model is exported.
+
+    Non-strict ``torch.export`` records the ops of such a Function's forward and drops its
+    backward: the graph's gradients would be autograd's through the forward, not the
+    model's (YOSO's attention has a backward of its own; a gradient-reversal layer would
+    flip a sign). Autograd runs the forward with grad mode off, switched in C++, so a
+    torch call that sees grad mode off where the model's Python did not switch it off
+    (``torch._C._set_grad_enabled``, which ``torch.no_grad()`` calls) is inside one; the
+    Function is the ``cls`` of the ``Function.apply`` frame above it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grad = torch.is_grad_enabled()
+        self.found: Optional[type] = None
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+        if func is set_grad_enabled:
+            self.grad = bool(args[0])
+        elif self.found is None and self.grad and not torch.is_grad_enabled():
+            self.found = _applied_function()
+        return func(*args, **(kwargs or {}))
+
+
+def _applied_function() -> Optional[type]:
+    frame = inspect.currentframe()
+    while frame is not None:
+        if frame.f_code.co_name == "apply" and frame.f_code.co_filename == torch.autograd.function.__file__:
+            cls = frame.f_locals.get("cls")
+            if isinstance(cls, type) and issubclass(cls, torch.autograd.Function):
+                return cls
+        frame = frame.f_back
+    return None
+
+
 def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> Traced:
     target = exportable(model, kwargs)
     shapes = auto_dynamic_shapes(target, args, kwargs) if dynamic else None
-    with warnings.catch_warnings():  # torch warns about every size-1 dim it specializes
+    with warnings.catch_warnings(), _FunctionWatch() as watch:  # torch warns about every size-1 dim it specializes
         warnings.filterwarnings("ignore", message=".*specialized.*")
         ep = torch.export.export(target, args, kwargs, dynamic_shapes=shapes, strict=False)
+    if watch.found is not None:
+        name = f"{watch.found.__module__}.{watch.found.__qualname__}"
+        raise RuntimeError(
+            f"{type(model).__name__} calls {name}, a torch.autograd.Function with a backward of its own, which "
+            "torch.export does not keep (the graph's gradients would not be the model's); use capture='module', "
+            "which runs it as written"
+        )
     exported = ep.module()
     in_spec, out_spec = export_specs(exported.graph)
     # A plain GraphModule over the same graph: torch's .module() disables train/eval.
@@ -276,7 +331,8 @@ def trace(model: nn.Module, args: tuple, kwargs: dict, method: Capture, dynamic:
         except CaptureError as e:  # raised for the model's code only: a bug of ours propagates
             reasons.update(e.reasons)
             if method is Capture.FX:
-                raise CaptureError(f"{e}\nUse capture='export' with example_inputs.", reasons) from e.reasons["fx"]
+                hint = "" if "capture='module'" in str(e) else "\nUse capture='export' with example_inputs."
+                raise CaptureError(f"{e}{hint}", reasons) from e.reasons["fx"]
             log.warning("symbolic_trace cannot capture %s (%s: %s); capturing it with torch.export instead",
                         type(model).__name__, type(reasons["fx"]).__name__, first_line(reasons["fx"]))
     if not args and not kwargs:
