@@ -89,7 +89,7 @@ def auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> Any:
     stay static (torch would specialize them anyway, with a warning per dim), and so do
     the sizes of an image (a floating tensor of 4 or more dims: only its batch is
     dynamic): symbolic window partitions and patch grids can take torch's shape
-    reasoning many minutes (Swin: over 10 on a tiny config), and another resolution is
+    reasoning minutes (Swin: past the sweep's 3-minute limit on a tiny config), and another resolution is
     simply another capture."""
 
     def spec(value: Any) -> Any:
