@@ -105,6 +105,17 @@ def test_the_fallback_finds_a_raw_parameter_read_by_f_linear():
     assert "capture: module" in ol.summary(gm)
 
 
+def hooked(model, vectors, where):
+    """The reference: a copy of ``model`` whose modules ``where`` (``{path: vector name}``)
+    add ``b * input.sum(-1)`` to their outputs in forward hooks, ``b`` a leaf copy of that
+    vector; returns ``(copy, {vector name: leaf})``."""
+    ref, leaves = copy.deepcopy(model), {}
+    for path, name in where.items():
+        b = leaves[name] = vectors[name].detach().clone().requires_grad_(True)
+        ref.get_submodule(path).register_forward_hook(lambda mod, inp, out, b=b: out + b * inp[0].sum(-1, keepdim=True))
+    return ref, leaves
+
+
 class _Project(nn.Module):
     def forward(self, h, w):
         return F.linear(h, w)
@@ -146,12 +157,7 @@ def test_a_tied_head_in_a_model_no_capture_takes_is_adapted_where_it_is_called(h
     vectors = ol.adapter_parameters(gm)
     head = next(s.adapter_name for s in ol.sites(gm) if s.adapted and s.weight is gm.get_submodule("embed").weight)
     assert head == ("head.onelora_b" if how == "tied" else "embed.onelora_b")
-    ref = copy.deepcopy(model)
-    leaves = {}
-    for path, name in (("body", "body.onelora_b"), ("head", head)):
-        b = leaves[name] = vectors[name].detach().clone().requires_grad_(True)
-        ref.get_submodule(path).register_forward_hook(
-            lambda mod, inp, out, b=b: out + b * inp[0].sum(-1, keepdim=True))
+    ref, leaves = hooked(model, vectors, {"body": "body.onelora_b", "head": head})
     out, want = gm(ids), ref(ids)
     assert (want - model(ids)).abs().max() > 1e-2  # the head's b matters in the reference
     assert_close(out, want, torch.float32, "adapted vs hooks")
@@ -200,17 +206,14 @@ def test_linears_in_no_grad_and_autocast_blocks_are_sites_exactly_like_the_model
     assert {s.owner for s in ol.sites(gm) if s.adapted} == {"frozen", "full", "out"}
     randomize_adapters(gm, 1, scale=0.05)
     vectors = ol.adapter_parameters(gm)
-    ref, leaves = copy.deepcopy(model), {}
-    for path in ("frozen", "full", "out"):
-        b = leaves[path] = vectors[f"{path}.onelora_b"].detach().clone().requires_grad_(True)
-        ref.get_submodule(path).register_forward_hook(lambda mod, inp, out, b=b: out + b * inp[0].sum(-1, keepdim=True))
+    ref, leaves = hooked(model, vectors, {p: f"{p}.onelora_b" for p in ("frozen", "full", "out")})
     out, want = gm(x), ref(x)
     assert_close(out, want, torch.float32, "adapted vs hooks")
     out.square().sum().backward()
     want.square().sum().backward()
-    assert vectors["frozen.onelora_b"].grad is None and leaves["frozen"].grad is None
-    for path in ("full", "out"):
-        assert_close(vectors[f"{path}.onelora_b"].grad, leaves[path].grad, torch.float32, f"{path} gradient")
+    assert vectors["frozen.onelora_b"].grad is None and leaves["frozen.onelora_b"].grad is None
+    for name in ("full.onelora_b", "out.onelora_b"):
+        assert_close(vectors[name].grad, leaves[name].grad, torch.float32, f"{name} gradient")
     assert torch.is_grad_enabled()  # the block restored the mode it changed
     assert_close(ol.merge(gm)(x), out.detach(), torch.float32, "merged vs adapted")
     program = ol.export(gm, (x,), path=tmp_path / "m.pt2")
@@ -275,16 +278,13 @@ def test_a_custom_autograd_function_is_never_captured_without_its_backward():
     assert "capture: module" in ol.summary(gm)
     randomize_adapters(gm, 1, scale=0.05)
     vectors = ol.adapter_parameters(gm)
-    ref, leaves = copy.deepcopy(model), {}
-    for path in ("a", "c"):
-        b = leaves[path] = vectors[f"{path}.onelora_b"].detach().clone().requires_grad_(True)
-        ref.get_submodule(path).register_forward_hook(lambda mod, inp, out, b=b: out + b * inp[0].sum(-1, keepdim=True))
+    ref, leaves = hooked(model, vectors, {p: f"{p}.onelora_b" for p in ("a", "c")})
     out, want = gm(x), ref(x)
     assert_close(out, want, torch.float32, "adapted vs hooks")
     out.square().sum().backward()
     want.square().sum().backward()
-    for path in ("a", "c"):
-        assert_close(vectors[f"{path}.onelora_b"].grad, leaves[path].grad, torch.float32, f"{path} gradient")
+    for name, b in leaves.items():
+        assert_close(vectors[name].grad, b.grad, torch.float32, f"{name} gradient")
 
 
 def test_llama4_trains_in_both_forms():
