@@ -75,18 +75,29 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], b: Tensor, trans
     s = x.sum(-1)
     b = b.to(x.dtype)
     if x.is_contiguous():
-        # Same GEMM call as at::linear's fused path (addmm with the bias as the
-        # accumulator, beta=1), with s bᵀ added to that accumulator first: no extra
-        # pass over the output, and bit-identical to linear() when b == 0. The output
-        # is allocated in its final shape and the GEMM writes a 2-D view of it.
+        # The output is allocated in its final shape and the GEMM writes a 2-D view of
+        # it (never a view itself). CPU: the same GEMM call as at::linear's fused path
+        # (addmm with the bias as the accumulator, beta=1), with s bᵀ added to that
+        # accumulator first: no extra pass over the output, and bit-identical to
+        # linear() when b == 0. CUDA: cuBLASLt adds a bias in the GEMM's epilogue and
+        # picks another kernel for beta=1, so an accumulator holding s bᵀ would change
+        # the base layer's bits; the exact calls at::linear makes, then s bᵀ added.
         y = torch.empty(out_shape, dtype=x.dtype, device=x.device)
         y2 = y.view(-1, w.shape[1])
         s2 = s.reshape(-1)
+        x2 = x.reshape(-1, x.shape[-1])
+        if x.device.type != "cpu":
+            if bias is None:
+                torch.mm(x2, w, out=y2)
+            else:
+                torch.addmm(bias.to(x.dtype), x2, w, out=y2)
+            y2.addr_(s2, b)
+            return y, s
         if bias is None:
             torch.outer(s2, b, out=y2)
         else:
             torch.addr(bias.to(x.dtype), s2, b, out=y2)
-        y2.addmm_(x.reshape(-1, x.shape[-1]), w)
+        y2.addmm_(x2, w)
         return y, s
     # at::linear takes its matmul + add path for strided inputs; follow it exactly and
     # add the rank-1 term afterwards.
@@ -168,7 +179,11 @@ _linear_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     device = x.device.type
-    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+    # (is_autocast_available only for other devices: torch.compile in torch 2.11 cannot
+    # trace it, and every build knows cpu and cuda)
+    if device not in ("cpu", "cuda") and not torch.amp.is_autocast_available(device):
+        return None
+    if not torch.is_autocast_enabled(device):
         return None
     return torch.get_autocast_dtype(device)
 

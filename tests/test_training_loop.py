@@ -222,7 +222,11 @@ def test_device_numerics_op_merge_export_adapter(device, tmp_path):
     """What every device must get right: zero b exact, Listing 1, merge, export, files."""
     model, kwargs = build("llama-tiny", device)
     gm = adapt(model, kwargs)
-    assert torch.equal(gm.eval()(**kwargs).logits, model(**kwargs).logits)
+    # zero b: bit for bit the base model's own graph. (Not the eager model on CUDA: with
+    # SDPA attention, torch.export's graph of this LLaMA differs from eager by 9e-8 on an
+    # H200, as the graph form does; with eager attention all three are equal.)
+    base = torch.export.export(model, (), kwargs, strict=False).module()
+    assert torch.equal(gm.eval()(**kwargs).logits, base(**kwargs).logits)
     reference = listing1_copy(model, randomize_adapters(gm, 6))
     tol = tolerance(torch.float32)
     expected = reference(**kwargs).logits

@@ -51,8 +51,10 @@ def autocast_state() -> tuple:
     """``((device type, dtype), ...)`` of the autocast regions active now: a graph
     captured outside autocast recorded its casts (and dtype assertions) for no autocast,
     so a call under autocast needs a graph of its own."""
+    # (every torch build knows both device types: no is_autocast_available, which
+    # torch.compile in torch 2.11 cannot trace)
     return tuple((device, torch.get_autocast_dtype(device)) for device in ("cpu", "cuda")
-                 if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device))
+                 if torch.is_autocast_enabled(device))
 
 
 class Signature:
