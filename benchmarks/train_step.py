@@ -299,6 +299,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--variants", nargs="*", default=None, help="a subset of the variants (default: all)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-process memory runs")
+    parser.add_argument("--memory-variants", nargs="*", default=None,
+                        help="measure the memory of these variants only (default: every timed one; the floor "
+                             "is always measured, since the table divides by it)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="folder for the JSON and PNG (default: benchmarks/out/, not tracked by git)")
     parser.add_argument("--update-results", action="store_true",
@@ -307,6 +310,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.update_results and args.quick:
         parser.error("--update-results records a full run into benchmarks/results/: not with --quick")
+    unknown = set(args.variants or ()).union(args.memory_variants or ()) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variant(s) {sorted(unknown)}; the variants are: {list(VARIANTS)}")
     if args.warmup is not None and args.warmup < 1:
         parser.error("--warmup must be >= 1: a compiled variant's compile time is its first step minus the warm steps'")
     rounds = args.rounds if args.rounds is not None else 3 if args.quick else 20
@@ -338,6 +344,8 @@ def main(argv=None) -> dict:
             if name == "llama" and args.variants is None:
                 timed = [v for v in variants if not getattr(VARIANTS[v], "compiled", False)]
             memory = [v for v in timed if v in QUICK_MEMORY]
+        if args.memory_variants is not None:
+            memory = [v for v in timed if v == FLOOR or v in args.memory_variants]
         w = Workload(name, size, args.device)
         shapes[name] = w.describe()
         log(f"[{name}] {shapes[name]}")
