@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import onelora_fx as ol
 from reference import randomize_adapters, tolerance
@@ -54,9 +55,10 @@ def expert_sites(gm):
     return [s for s in ol.sites(gm) if s.experts]
 
 
-def reference(model, gm):
+def reference(model, gm, prefix=""):
     """The model with W_e + b_e 1ᵀ written into every adapted weight (per expert), and
-    Listing 1's bias-free fold ``W + b 1ᵀ`` for the 2-D ones, run with the eager loop."""
+    Listing 1's bias-free fold ``W + b 1ᵀ`` for the 2-D ones, run with the eager loop
+    (``prefix``: where ``model`` sits in ``gm``)."""
     ref = copy.deepcopy(model)
     ref.set_experts_implementation("eager")
     with torch.no_grad():
@@ -64,7 +66,7 @@ def reference(model, gm):
             if not s.adapted or s.call_index:
                 continue
             b = gm.get_parameter(s.adapter_name).detach().double()
-            w = ref.get_parameter(s.weight_name)
+            w = ref.get_parameter(s.weight_name.removeprefix(prefix))
             delta = b.unsqueeze(-1) if s.layout is ol.Layout.OUT_IN else b.unsqueeze(-2)
             w.copy_((w.double() + delta).to(w.dtype))
     return ref
@@ -101,6 +103,52 @@ def test_random_b_matches_the_per_expert_reference(moe):
     expected = reference(model, gm)(input_ids=ids).logits
     got = gm(input_ids=ids).logits
     assert not torch.allclose(got, model(input_ids=ids).logits, atol=1e-3), "b must change the output"
+    tol = tolerance(torch.float32)
+    torch.testing.assert_close(got, expected, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, expected.abs().max().item()))
+
+
+class _Identity(torch.autograd.Function):
+    """A custom Function with its own backward: no graph capture takes a model using one."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class _Recorded(nn.Module):
+    """An MoE that only the module form's recorded forward can adapt (as PhiMoE, whose
+    router uses a custom autograd.Function)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return _Identity.apply(self.model(input_ids=input_ids).logits)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_grouped_experts_recorded_by_the_module_form_match_the_reference(family):
+    """The recorded forward follows ``W.transpose(-2, -1)`` into transformers' grouped
+    matmul: each expert weight stays ``[E, out, in]``, its b has ``out`` entries (PhiMoE
+    crashed: its gate_up b was sized for the transpose and met down_proj's output)."""
+    torch.manual_seed(0)
+    model = build(family, "grouped_mm")
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    with pytest.warns(UserWarning, match="module form"):
+        mf = ol.transform(_Recorded(model), "all-linear", example_kwargs={"input_ids": ids})
+    found = expert_sites(mf)
+    assert len(found) == 2 * model.config.num_hidden_layers
+    for s in found:
+        assert s.layout is ol.Layout.OUT_IN
+        assert (s.out_features, s.in_features) == tuple(mf.get_parameter(s.weight_name).shape[1:])
+    randomize_adapters(mf, seed=5, scale=0.2)
+    expected = reference(model, mf, prefix="model.")(input_ids=ids).logits
+    got = mf(input_ids=ids)
     tol = tolerance(torch.float32)
     torch.testing.assert_close(got, expected, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, expected.abs().max().item()))
 

@@ -103,9 +103,20 @@ def derive(entry: Derived, src: torch.Tensor, out: Any) -> Optional[Derived]:
     if not isinstance(out, torch.Tensor):
         return None
     if entry.expert or entry.index is not None or entry.param.dim() != 2:
-        # expert weights: casts and transposes keep what they are; anything else is opaque
-        same = out.shape == src.shape or (out.dim() == src.dim() and out.shape[-2:] == src.shape[-2:][::-1])
-        return replace(entry, tensor=out, opaque=entry.opaque or not same)
+        # expert weights: a cast or copy keeps what it is, a transpose of the last two
+        # dims flips it (transformers' grouped experts multiply by W.transpose(-2, -1));
+        # anything else is opaque
+        if out.dim() != src.dim() or out.shape[:-2] != src.shape[:-2]:
+            return replace(entry, tensor=out, opaque=True)
+        if _shares(src, out) and src.dim() >= 2 and src.stride(-2) != src.stride(-1):
+            swapped = out.stride()[-2:] == src.stride()[-2:][::-1]
+            if not swapped and out.stride()[-2:] != src.stride()[-2:]:
+                return replace(entry, tensor=out, opaque=True)
+        else:
+            swapped = out.shape[-2:] != src.shape[-2:]
+        if out.shape[-2:] != (src.shape[-2:][::-1] if swapped else src.shape[-2:]):
+            return replace(entry, tensor=out, opaque=True)
+        return replace(entry, tensor=out, flipped=entry.flipped != swapped)
     if _shares(src, out) and out.dim() == 2:
         view = _view_of(src, out)
         if view is None:
