@@ -3,9 +3,11 @@
 Every adapted site in a graph is one call to :func:`linear`. It has one meaning and
 three lowerings:
 
-* eager: :class:`_OneLoRALinearFunction`, the lean kernel. The rank-1 term ``s bᵀ``
-  (``s = x.sum(-1)``) is written into the GEMM's accumulator before the GEMM runs, so
-  the forward costs one GEMM plus one read of ``x``; backward saves only ``s`` (and the
+* eager: :class:`_OneLoRALinearFunction`, the lean kernel. On CPU the rank-1 term
+  ``s bᵀ`` (``s = x.sum(-1)``) is written into the GEMM's accumulator before the GEMM
+  runs, so the forward costs one GEMM plus one read of ``x`` (on CUDA it is added after
+  the GEMM: cuBLASLt's bias epilogue would otherwise round the base layer differently);
+  backward saves only ``s`` (and the
   weight, which autograd keeps anyway), never ``x`` or anything of the weight's size.
 * traced (``torch.compile`` / ``torch.export``): the registered custom op
   ``torch.ops.onelora.linear`` with the same kernels, a fake (meta) implementation for
