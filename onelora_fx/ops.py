@@ -7,8 +7,8 @@ three lowerings:
   ``s bᵀ`` (``s = x.sum(-1)``) is written into the GEMM's accumulator before the GEMM
   runs, so the forward costs one GEMM plus one read of ``x`` (on CUDA it is added after
   the GEMM: cuBLASLt's bias epilogue would otherwise round the base layer differently);
-  backward saves only ``s`` (and the
-  weight, which autograd keeps anyway), never ``x`` or anything of the weight's size.
+  backward saves only ``s`` (and the weight, which autograd keeps anyway), never ``x``
+  or anything of the weight's size.
 * traced (``torch.compile`` / ``torch.export``): the registered custom op
   ``torch.ops.onelora.linear`` with the same kernels, a fake (meta) implementation for
   shapes, and the same backward, so the node stays findable in any captured graph.
