@@ -11,19 +11,28 @@ importing its library:
 * **quantized layers** (bitsandbytes ``Linear4bit`` (nf4 / fp4) and ``Linear8bitLt``):
   the module's own ``forward`` runs a kernel of its library on packed storage.
 
+bitsandbytes changes a 4-bit layer in place on its first forward in eval mode with an
+input that needs no gradient, on a CPU with AVX512-BF16: the weight is repacked for a CPU
+kernel that has no backward (``weight.data`` ``[out * in / 2, 1]`` -> ``[out, in / 2]``,
+``quant_state.absmax`` rounded to bfloat16 and transposed, ``packing_format_for_cpu``
+set). :func:`own_quantized_layers` keeps that from ever happening to the user's layers
+through an adapted copy, and unpacks a weight the user's own inference already repacked
+into tensors of the copy's own (:func:`unpacked_4bit`).
+
 :func:`dequantize` gives the plain weight (in the compute dtype), which the backward
 pass and ``merge`` need.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import copy
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 __all__ = ["quantized_site", "logical_numel", "is_quantized_weight", "is_quantized_layer", "weight_kind", "logical_shape", "compute_dtype", "dequantize",
-           "QUANTIZED_LAYERS"]
+           "QUANTIZED_LAYERS", "is_cpu_packed", "unpacked_4bit", "own_quantized_layers"]
 
 #: the libraries whose weight classes are quantized weights
 _LIBRARIES = {"torchao", "bitsandbytes"}
@@ -108,9 +117,8 @@ def dequantize(weight: torch.Tensor, module: Optional[nn.Module] = None, dtype: 
             raise ImportError(f"{type(module).__name__} weights need bitsandbytes to be read: "
                               "pip install 'onelora-fx[quant]'") from e
 
-        state = getattr(weight, "quant_state", None)
-        if state is not None:  # 4-bit
-            return bnb_f.dequantize_4bit(weight.data, state).to(dtype)
+        if getattr(weight, "quant_state", None) is not None:  # 4-bit
+            return bnb_f.dequantize_4bit(*unpacked_4bit(weight)).to(dtype)
         cb = weight.CB if getattr(weight, "CB", None) is not None else module.state.CB
         scb = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
         return bnb_f.int8_vectorwise_dequant(cb, scb).to(dtype)
@@ -125,3 +133,72 @@ def dequantize(weight: torch.Tensor, module: Optional[nn.Module] = None, dtype: 
         except TypeError:  # a static dequantize(value, ...) of another kind
             pass
     return weight.to(dtype)
+
+
+def is_cpu_packed(weight: object) -> bool:
+    """A bitsandbytes 4-bit weight in the layout of its CPU inference kernel (repacked by
+    a forward in eval mode without gradients on a CPU with AVX512-BF16)."""
+    return bool(getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False))
+
+
+def unpacked_4bit(weight: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """A bitsandbytes 4-bit weight's codes and ``QuantState`` in the standard layout
+    (``[out * in / 2, 1]``, absmax in row order), which ``dequantize_4bit`` and the
+    training kernels read. A weight in the CPU-packed layout is unpacked into new
+    tensors and a new state: ``weight`` and its ``quant_state`` are left as they are. The
+    values are those the packed layer computes with (its absmax is bfloat16; widening it
+    to float32 is exact).
+
+    Example:
+        >>> unpacked_4bit(torch.zeros(2, 1))[1] is None   # not a 4-bit weight: as it is
+        True
+    """
+    state = getattr(weight, "quant_state", None)
+    if not is_cpu_packed(weight):
+        return weight.data, state
+    import bitsandbytes.functional as bnb_f
+
+    # bitsandbytes' own inverse, on a copy of the state (it assigns the state's fields);
+    # private, but the only code that knows the packed order of the codes
+    fresh = copy.copy(state)
+    # its inverse re-quantizes a double-quantized absmax (lossy) and leaves a plain one
+    # in the packed order ([in / blocksize, out], bfloat16): neither is what the packed
+    # layer computes with, so the absmax is put back in row order here, unquantized
+    fresh.original_nested = False
+    data, fresh = bnb_f._convert_weight_packed_for_cpu_inverse(weight.data, fresh)
+    fresh.absmax = state.absmax.t().reshape(-1).float()
+    fresh.nested = False
+    return data, fresh
+
+
+def own_quantized_layers(root: nn.Module) -> None:
+    """Give each bitsandbytes layer of ``root`` (a module-tree copy of the user's model)
+    a weight object and quantization state of its own, over the same storage.
+
+    bitsandbytes changes its layers on forward by assignment: ``Linear8bitLt`` moves
+    ``CB`` / ``SCB`` from its weight into ``state`` on the first call, ``Linear4bit``
+    repacks its weight for the CPU inference kernel (no backward) in eval mode on CPUs
+    with AVX512-BF16. Done to objects the copy shares, that would change the user's
+    layers. Here the copy's layers hold their own objects, never repack (the flag is
+    the copy's own), and a weight the user's own inference repacked already is unpacked
+    into new tensors (the 4-bit size) for the copy; the user's stays as it is.
+    """
+    for m in root.modules():
+        if not is_quantized_layer(m) or not isinstance(m._parameters.get("weight"), torch.Tensor):
+            continue
+        w = m._parameters["weight"]
+        data, state = unpacked_4bit(w) if is_cpu_packed(w) else (w.data, copy.copy(getattr(w, "quant_state", None)))
+        # the same construction as nn.Parameter's, keeping the subclass and its fields
+        own = torch.Tensor._make_subclass(type(w), data, w.requires_grad)
+        own.__dict__.update(vars(w))
+        if state is not None:
+            own.quant_state = state
+        if "module" in vars(w):
+            own.module = m
+        m._parameters["weight"] = own
+        if vars(m).get("quant_state") is not None:
+            m.quant_state = state
+        if vars(m).get("state") is not None:  # Linear8bitLt's MatmulLtState
+            m.state = copy.copy(m.state)
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False

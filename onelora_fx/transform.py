@@ -23,6 +23,7 @@ from .compat import is_dtensor
 from .forms import Captured, Form, GraphForm, ModuleForm
 from .forms.base import refuse_adapter_ids
 from .forms.module.form import has_quantized
+from .quant import is_quantized_layer
 from .forms.materialize import install as install_load_hook
 from .analysis.norms import NEAR_UNIFORM_CV
 from .analysis.patterns import Pattern, compile_pattern, describe, select
@@ -115,6 +116,14 @@ def _take(model: nn.Module, args: tuple, kwargs: dict, method: Capture, dynamic:
         # decomposed into integer ops, bitsandbytes' do not export): the model's own class
         log.info("%s holds quantized linears: adapting it in the module form", type(model).__name__)
         return ModuleForm(), ModuleForm().capture(model, args, kwargs, dynamic, Capture.MODULE)
+    layer = next((n for n, m in model.named_modules() if is_quantized_layer(m)), None)
+    if layer is not None:
+        # a graph capture runs the layer's own forward on the user's model, which
+        # bitsandbytes may repack in place, and the graph shows no linear call to adapt
+        raise CaptureError(
+            f"{type(model).__name__} holds bitsandbytes quantized layers ({layer}: "
+            f"{type(model.get_submodule(layer)).__name__}), which a captured graph (capture={method.value!r}) "
+            "cannot adapt. Use capture='module' (or 'auto', which picks it).", {})
     parallel = next((n for n, p in model.named_parameters() if is_dtensor(p)), None)
     if parallel is not None:
         # tensor parallelism hooks the forward of the model's own linear layers, which a

@@ -16,7 +16,7 @@ from torch import nn
 
 import onelora_fx as ol
 from reference import randomize_adapters
-from toolkit import IDS, assert_close, quiet_transform, randomize_norms, tiny_llama
+from toolkit import IDS, assert_close, assert_same_state, model_state, quiet_transform, randomize_norms, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -28,38 +28,29 @@ def int8(model: nn.Module) -> nn.Module:
     return model
 
 
-def nf4(model: nn.Module) -> nn.Module:
-    import bitsandbytes as bnb
-
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and name != "lm_head":
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=torch.float32, quant_type="nf4", device="meta")
-                q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                             module=q).to("cpu")
-                if child.bias is not None:
-                    q.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
-                setattr(parent, name, q)
-    return model
-
-
-QUANTIZE = {"int8": (int8, "torchao"), "nf4": (nf4, "bitsandbytes")}
+#: bitsandbytes layer kinds: (class, keyword arguments)
+BNB = {"nf4": ("Linear4bit", dict(quant_type="nf4")), "fp4": ("Linear4bit", dict(quant_type="fp4")),
+       "nf4-double": ("Linear4bit", dict(quant_type="nf4", compress_statistics=True)), "int8-lt": ("Linear8bitLt", {})}
 
 
 def bnb_layers(model: nn.Module, kind: str) -> nn.Module:
-    """Every decoder linear as a bitsandbytes ``Linear4bit`` FP4 or ``Linear8bitLt`` layer."""
+    """Every decoder linear of ``model`` (not ``lm_head``) as a bitsandbytes layer of
+    ``kind`` (:data:`BNB`), quantized from that linear's weight; in place."""
     import bitsandbytes as bnb
 
+    cls, options = BNB[kind]
+
     def make(child: nn.Linear) -> nn.Module:
-        if kind == "fp4":
+        if cls == "Linear4bit":
             q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                  compute_dtype=torch.float32, quant_type="fp4", device="meta")
-            q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="fp4", module=q).to("cpu")
+                                  compute_dtype=torch.float32, device="meta", **options)
+            q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, module=q, **options).to("cpu")
         else:
             q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
                                     has_fp16_weights=False, device="meta")
             q.weight = bnb.nn.Int8Params(child.weight.data.clone(), requires_grad=False, has_fp16_weights=False).to("cpu")
+        if child.bias is not None:
+            q.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
         return q
 
     for parent in list(model.modules()):
@@ -67,6 +58,13 @@ def bnb_layers(model: nn.Module, kind: str) -> nn.Module:
             if isinstance(child, nn.Linear) and name != "lm_head":
                 setattr(parent, name, make(child))
     return model
+
+
+def nf4(model: nn.Module) -> nn.Module:
+    return bnb_layers(model, "nf4")
+
+
+QUANTIZE = {"int8": (int8, "torchao"), "nf4": (nf4, "bitsandbytes")}
 
 
 @pytest.fixture(scope="module", params=sorted(QUANTIZE))
@@ -147,6 +145,9 @@ def test_peft_loads_the_adapter_onto_the_bitsandbytes_model(tmp_path):
     ol.save_peft(gm, tmp_path / "peft")
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["r"] == 1
     served = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "peft")).eval()
+    for m in served.modules():  # bitsandbytes' CPU inference kernel (AVX512-BF16 CPUs) computes in bfloat16:
+        if hasattr(m, "support_avx512bf16_for_cpu"):  # the float32 path on every CPU, as gm takes
+            m.support_avx512bf16_for_cpu = False
     assert_close(served(input_ids=IDS).logits, gm(input_ids=IDS).logits, torch.float32, "PEFT on NF4")
 
 
@@ -171,3 +172,112 @@ def test_other_bitsandbytes_layers_match_the_hooked_model_and_merge(kind):
         merged = ol.merge(gm)
         assert_close(merged(input_ids=IDS).logits, out.detach(), torch.float32, "merged")
     assert all(type(m) is nn.Linear for n, m in merged.named_modules() if n.endswith("_proj"))
+
+
+def pack_for_cpu(model: nn.Module) -> nn.Module:
+    """What bitsandbytes does to each 4-bit layer on its first forward in eval mode
+    without gradients on a CPU with AVX512-BF16, done directly so that it happens on any
+    CPU: the weight repacked for the CPU inference kernel, in place."""
+    import bitsandbytes.functional as bnb_f
+
+    for m in model.modules():
+        state = getattr(getattr(m, "weight", None), "quant_state", None)
+        if type(m).__name__ == "Linear4bit" and not getattr(state, "packing_format_for_cpu", False):
+            m.weight.data, m.weight.quant_state = bnb_f._convert_weight_packed_for_cpu(m.weight.data, state)
+    return model
+
+
+def float_weight(layer: nn.Module, packed: bool) -> torch.Tensor:
+    """The float32 weight a quantized layer stands for, read here from its unpacked
+    storage (not with onelora_fx's code): 4-bit codes dequantized with their absmax
+    (double quantization undone first), the absmax rounded to bfloat16 when the layer is
+    about to be packed (the packing does that); 8-bit rows as ``CB * SCB / 127``; a
+    torchao weight dequantized by torchao."""
+    import bitsandbytes.functional as bnb_f
+
+    w = layer.weight
+    state = getattr(w, "quant_state", None)
+    if type(layer).__name__ == "Linear8bitLt":
+        return w.data.float() * w.SCB.float()[:, None] / 127
+    if state is None:
+        return w.dequantize().float()
+    state = copy.copy(state)
+    if state.nested:
+        state.absmax = bnb_f.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        state.nested = False
+    if packed:
+        state.absmax = state.absmax.to(torch.bfloat16).float()
+    return bnb_f.dequantize_4bit(w.data, state).float()
+
+
+def dequantized_reference(full: nn.Module, weights: dict[str, torch.Tensor], gm: nn.Module) -> tuple[nn.Module, dict]:
+    """The float model holding the dequantized weights, with ``b * x.sum(-1)`` added to
+    each adapted layer's output by a hook, and those b's (leaves of their own)."""
+    ref = copy.deepcopy(full)
+    with torch.no_grad():
+        for name, w in weights.items():
+            ref.get_submodule(name).weight.copy_(w)
+    vectors = {}
+    for s in ol.sites(gm):
+        if s.adapted:
+            b = gm.get_parameter(s.adapter_name).detach().clone().requires_grad_()
+            vectors[s.adapter_name] = b
+            ref.get_submodule(s.owner).register_forward_hook(lambda m, i, o, b=b: o + b * i[0].sum(-1, keepdim=True))
+    return ref, vectors
+
+
+@pytest.mark.parametrize("mode", ["train", "eval-packed"])
+@pytest.mark.parametrize("kind", [*sorted(BNB), "torchao-int8"])
+def test_the_users_quantized_model_is_untouched_and_the_adapted_one_exact(kind, mode):
+    """A quantized LLaMA in train mode, or in eval mode after the user's own inference
+    (bitsandbytes' 4-bit weights then packed for the CPU kernel, forced here on any CPU):
+    ``transform``, an inference call, training and ``merge`` leave every tensor, quant
+    state field and flag of the user's model as it was, and forward, every ``b``
+    gradient and the merged model equal the float model holding the dequantized weights."""
+    pytest.importorskip("torchao" if kind == "torchao-int8" else "bitsandbytes")
+    full = randomize_norms(tiny_llama(hidden_size=64, intermediate_size=128))
+    model = int8(copy.deepcopy(full)) if kind == "torchao-int8" else bnb_layers(copy.deepcopy(full), kind)
+    model.train(mode == "train")
+    packed = mode == "eval-packed" and kind in BNB and BNB[kind][0] == "Linear4bit"
+    quantized = {n: m for n, m in model.named_modules() if n.endswith("_proj")}
+    weights = {n: float_weight(m, packed) for n, m in quantized.items()}
+    for m in quantized.values():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = True  # as on a CPU with AVX512-BF16 (bitsandbytes reads only this)
+    if packed:
+        pack_for_cpu(model)
+    before = model_state(model)
+
+    gm = quiet_transform(model, "all-linear", example_kwargs={"input_ids": IDS})
+    assert_same_state(before, model_state(model), "the user's model after transform")
+    assert sorted(s.owner for s in ol.sites(gm) if s.adapted) == sorted(quantized)
+    randomize_adapters(gm, 3, scale=0.05)
+    ref, vectors = dequantized_reference(full, weights, gm)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Linear8bitLt: "inputs will be cast from torch.float32 to float16"
+        gm.eval()(input_ids=IDS)  # an inference call on the adapted model repacks nothing either
+        assert_same_state(before, model_state(model), "the user's model after an inference call of the adapted one")
+    # the numbers in training mode, what trains b (Linear8bitLt's eval kernel also
+    # quantizes the activations, which no float model reproduces)
+    gm.train(), ref.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out, expected = gm(input_ids=IDS).logits, ref(input_ids=IDS).logits
+        assert_close(out, expected, torch.float32, "output")
+        out.square().mean().backward()
+        expected.square().mean().backward()
+        for name, b in vectors.items():
+            assert_close(gm.get_parameter(name).grad, b.grad, torch.float32, f"{name} gradient")
+        merged = ol.merge(gm).eval()
+        assert_close(merged(input_ids=IDS).logits, ref.eval()(input_ids=IDS).logits, torch.float32, "merged")
+    assert_same_state(before, model_state(model), "the user's model after training and merge")
+
+
+def test_a_graph_capture_of_bitsandbytes_layers_is_refused_before_it_runs_them():
+    pytest.importorskip("bitsandbytes")
+    model = bnb_layers(tiny_llama(), "nf4").eval()
+    before = model_state(model)
+    for capture in ("fx", "export"):
+        with pytest.raises(ol.CaptureError, match="bitsandbytes quantized layers .*Use capture='module'"):
+            ol.transform(model, capture=capture, example_kwargs={"input_ids": IDS})
+    assert_same_state(before, model_state(model))

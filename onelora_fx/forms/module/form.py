@@ -26,7 +26,7 @@ from ...analysis.linear_ops import is_conv1d
 from ...analysis.sites import find_sites
 from ...copying import copy_module_tree, own_parameters
 from ...fold import fold, fold_into
-from ...quant import dequantize, is_quantized_layer, is_quantized_weight, logical_shape, quantized_site
+from ...quant import dequantize, is_quantized_layer, is_quantized_weight, logical_shape, own_quantized_layers, quantized_site
 from ...records import Layout, LinearSite
 from ...state import AlreadyAdaptedError, Capture, get_state
 from ..base import Captured, Form, Plan, own_buffers, plan_merge
@@ -200,6 +200,7 @@ class ModuleForm(Form):
     def capture(self, model: nn.Module, args: tuple, kwargs: dict[str, Any], dynamic: bool, method: Capture) -> Captured:
         root = copy_module_tree(model)
         own_parameters(root)
+        own_quantized_layers(root)  # before any forward: bitsandbytes may repack a layer it runs
         buffers = own_buffers(root)
         sites, accounting = _discover(model, root, args, kwargs, dynamic, self.failed)
         return Captured(root, Capture.MODULE, sites, buffers, accounting)
