@@ -14,6 +14,7 @@ import onelora_fx as ol
 from handwritten import MODULES, example
 from onelora_fx.tools import zoo
 from reference import base_capture, first_tensor, randomize_adapters, tolerance
+from toolkit import assert_same_state, model_state
 
 needs_transformers = pytest.mark.skipif(
     __import__("importlib").util.find_spec("transformers") is None, reason="needs transformers (pip install -e '.[models]')"
@@ -168,19 +169,20 @@ def test_bad_b_is_refused_and_nothing_changes():
     gm = ol.transform(model, "all")
     with torch.no_grad():
         gm.fc2.onelora_b[3] = float("nan")
-    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    before, user = model_state(gm), model_state(model)
     with pytest.raises(ol.MergeError, match=r"fc2\.onelora_b.*non-finite"):
         ol.merge(gm, inplace=True)
-    after = gm.state_dict()
-    assert set(after) == set(before)
-    for k in before:
-        assert torch.equal(after[k], before[k]) or (torch.isnan(after[k]).any() and k.endswith("onelora_b"))
+    assert_same_state(before, model_state(gm), "the adapted module")  # the NaN-holding b included, byte for byte
+    assert_same_state(user, model_state(model), "the user's model")
     half = ol.transform(MODULES["mlp"]().half(), "all")
     with torch.no_grad():
         half.fc1.onelora_b.fill_(60000.0)
         half.fc1.weight.add_(10000.0)
-    with pytest.raises(ol.MergeError, match="overflows"):
-        ol.merge(half)
+    before = model_state(half)
+    for inplace in (False, True):
+        with pytest.raises(ol.MergeError, match="overflows"):
+            ol.merge(half, inplace=inplace)
+        assert_same_state(before, model_state(half), "the float16 module")
 
 
 # ---------------------------------------------------------------------------------
