@@ -28,9 +28,36 @@ class ILoRA(nn.Module):
         return self.linear(x) + ilora
 
 
-def listing1_copy(model: nn.Module, vectors: dict[str, torch.Tensor]) -> nn.Module:
+#: the output heads of the zoo's models, the tests' tiny LLaMA and the hand-written MLP, by module name
+HEAD_NAMES = ("lm_head", "classifier", "pooler.dense", "proj_out_2", "head")
+
+
+def linear_layers(model: nn.Module, heads: tuple[str, ...] = HEAD_NAMES) -> set[str]:
+    """The paths of ``model``'s ``nn.Linear`` (and GPT-2 ``Conv1D``) modules, except its
+    heads: what ``"all-linear"`` must adapt, read from the module tree (never from
+    onelora_fx, so that a layer the library misses is missed by the reference too)."""
+    return {n for n, m in model.named_modules() if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
+            and not any(n == h or n.endswith("." + h) for h in heads)}
+
+
+def matrix_weights(model: nn.Module) -> set[str]:
+    """Every parameter name of two or more dimensions outside embedding tables and
+    convolutions, and not named as a bias (experts' biases are ``[E, out]``; a tied head
+    is listed under its own name too): what ``"all"`` must adapt in a
+    model whose other matrices are all read by matrix products; read from the module tree."""
+    return {f"{owner}.{name}".lstrip(".") for owner, m in model.named_modules(remove_duplicate=False)
+            if not isinstance(m, (nn.Embedding, nn.modules.conv._ConvNd))
+            for name, p in m.named_parameters(recurse=False) if p.dim() >= 2 and not name.endswith("bias")}
+
+
+def listing1_copy(model: nn.Module, vectors: dict[str, torch.Tensor], expected: set[str]) -> nn.Module:
     """A deep copy of ``model`` with each module ``path`` in ``vectors`` wrapped by
-    Listing 1 carrying that ``b`` (keys are module paths, as ``owner`` in sites)."""
+    Listing 1 carrying that ``b`` (keys are module paths, as ``owner`` in sites).
+
+    ``expected``: the module paths that must carry a vector, stated by the test from the
+    model's definition (e.g. :func:`linear_layers`): an adapter missing one fails here."""
+    missing, extra = set(expected) - set(vectors), set(vectors) - set(expected)
+    assert not missing and not extra, f"adapted sites differ from the expected ones: missing {sorted(missing)}, extra {sorted(extra)}"
     ref = copy.deepcopy(model)
     for path, b in vectors.items():
         parent_path, _, leaf = path.rpartition(".")
@@ -86,13 +113,18 @@ def base_capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None)
     return GraphForm().capture(model, tuple(args), dict(kwargs or {}), True, Capture.AUTO).root
 
 
-def folded(model: nn.Module, gm: nn.Module) -> nn.Module:
+def folded(model: nn.Module, gm: nn.Module, expected: set[str]) -> nn.Module:
     """A deep copy of ``model`` (eval mode) with ``W + b 1ᵀ`` of every adapted site of
     ``gm`` written into its weights, in float64 then cast: ``W[i, :] += b[i]`` for an
     ``[out, in]`` weight, ``W[:, j] += b[j]`` for ``[in, out]``, per expert for expert
-    weights. Written here, not taken from the library's merge."""
+    weights. Written here, not taken from the library's merge.
+
+    ``expected``: the weight names that must be adapted, stated by the test from the
+    model's definition (e.g. :func:`matrix_weights`): a weight the library misses fails here."""
     import onelora_fx as ol
 
+    adapted = {s.weight_name for s in ol.sites(gm) if s.adapted}
+    assert adapted == set(expected), f"adapted weights differ: missing {sorted(set(expected) - adapted)}, extra {sorted(adapted - set(expected))}"
     ref = copy.deepcopy(model)
     with torch.no_grad():
         for s in ol.sites(gm):

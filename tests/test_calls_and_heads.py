@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import onelora_fx as ol
-from reference import first_tensor, listing1_copy, randomize_adapters, tolerance
+from reference import first_tensor, linear_layers, listing1_copy, randomize_adapters, tolerance
 
 transformers = pytest.importorskip("transformers")
 
@@ -123,7 +123,7 @@ def adapted_llama(example: dict):
 @pytest.fixture(scope="module")
 def llama():
     model, gm = adapted_llama({"input_ids": IDS})
-    return model, gm, listing1_copy(model, randomize_adapters(gm, 7)).eval()
+    return model, gm, listing1_copy(model, randomize_adapters(gm, 7), linear_layers(model)).eval()
 
 
 def test_calls_the_example_did_not_show_are_captured_on_first_use(llama, caplog):

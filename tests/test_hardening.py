@@ -10,7 +10,7 @@ import torch
 
 import onelora_fx as ol
 from handwritten import MLP
-from reference import listing1_copy, randomize_adapters
+from reference import linear_layers, listing1_copy, randomize_adapters
 
 FORMS = ["fx", "export", "module"]
 
@@ -109,7 +109,7 @@ def test_a_batch_of_one_example_warns_and_other_batches_work():
     with pytest.warns(UserWarning, match=r"size 1 at input_ids dim 0.*captures a new graph"):
         gm = ol.transform(model, example_kwargs={"input_ids": ids})
     gm.eval()
-    reference = listing1_copy(model, randomize_adapters(gm, 3)).eval()
+    reference = listing1_copy(model, randomize_adapters(gm, 3), linear_layers(model)).eval()
     for batch in (2, 1, 3):
         other = torch.randint(0, 100, (batch, 8))
         expected = reference(input_ids=other).logits

@@ -11,7 +11,7 @@ import torch
 
 import onelora_fx as ol
 from onelora_fx.tools import zoo
-from reference import first_tensor, listing1_copy, randomize_adapters, tolerance
+from reference import first_tensor, linear_layers, listing1_copy, randomize_adapters, tolerance
 
 pytest.importorskip("transformers")
 
@@ -97,7 +97,7 @@ def test_random_b_matches_listing1(adapted):
     saved = {k: v.clone() for k, v in ol.adapter_parameters(gm).items()}
     try:
         bs = randomize_adapters(gm, seed=1)
-        ref = listing1_copy(model, {site: b for site, b in bs.items()})
+        ref = listing1_copy(model, bs, linear_layers(model))
         expected = run(ref, args, kwargs)
         actual = run(gm, args, kwargs)
         assert not torch.equal(actual, run(model, args, kwargs)), "random b must change the output"

@@ -11,7 +11,7 @@ import torch
 
 import onelora_fx as ol
 from handwritten import MODULES, example
-from reference import listing1_copy, randomize_adapters, tolerance
+from reference import linear_layers, listing1_copy, randomize_adapters, tolerance
 
 transformers = pytest.importorskip("transformers")
 
@@ -143,7 +143,8 @@ def test_hugging_face_trainer_runs_on_both_forms(capture, tmp_path):
     assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
     moved = [n for n, p in ol.adapter_parameters(gm).items() if not torch.equal(p, before[n])]
     assert moved == list(before), "every vector trained"
-    reference = listing1_copy(model, {s.name: gm.get_parameter(s.adapter_name).detach() for s in ol.sites(gm) if s.adapted})
+    reference = listing1_copy(model, {s.name: gm.get_parameter(s.adapter_name).detach() for s in ol.sites(gm) if s.adapted},
+                              linear_layers(model))
     batch = Batches()[0]
     inputs = {k: v[None] for k, v in batch.items()}
     gm.eval()

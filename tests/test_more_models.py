@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import onelora_fx as ol
-from reference import first_tensor, randomize_adapters, tolerance
+from reference import first_tensor, folded, matrix_weights, randomize_adapters, tolerance
 
 transformers = pytest.importorskip("transformers")
 
@@ -76,18 +76,6 @@ def torch_transformer():
 BUILDERS = [qwen3_moe, olmoe, gpt_oss, gpt_oss_eager, deepseek_v3, mbart, whisper, torch_transformer]
 
 
-def folded(model, gm):
-    """The model with W + b 1ᵀ (per expert for expert weights) written into a copy."""
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for s in ol.sites(gm):
-            if s.adapted and s.call_index == 0:
-                b = gm.get_parameter(s.adapter_name).detach().double()
-                w = ref.get_parameter(s.weight_name)
-                w.copy_((w.double() + (b.unsqueeze(-1) if s.layout is ol.Layout.OUT_IN else b.unsqueeze(-2))).to(w.dtype))
-    return ref.eval()
-
-
 @pytest.mark.parametrize("build", BUILDERS, ids=lambda f: f.__name__)
 def test_every_linear_adapted_and_exact(build):
     torch.manual_seed(0)
@@ -104,7 +92,7 @@ def test_every_linear_adapted_and_exact(build):
     assert all(s.adapted for s in found)
     gm.eval()
     randomize_adapters(gm, 1, scale=0.05)
-    out, expected = first_tensor(gm(*args, **kwargs)), first_tensor(folded(model, gm)(*args, **kwargs))
+    out, expected = first_tensor(gm(*args, **kwargs)), first_tensor(folded(model, gm, matrix_weights(model))(*args, **kwargs))
     assert not torch.allclose(out, first_tensor(model(*args, **kwargs)), atol=1e-3)
     tol = tolerance(torch.float32)
     torch.testing.assert_close(out, expected, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, expected.abs().max().item()))

@@ -16,21 +16,23 @@ import torch.nn.functional as F
 from torch import nn
 
 import onelora_fx as ol
-from reference import first_tensor, folded, randomize_adapters
+from reference import first_tensor, folded, matrix_weights, randomize_adapters
 from toolkit import IDS, assert_close, quiet_transform, randomize_norms
 
 transformers = pytest.importorskip("transformers")
 
 
-def adapted_exactly(model, kwargs=None, args=(), pattern="all", **transform_kwargs):
+def adapted_exactly(model, kwargs=None, args=(), pattern="all", expected=None, **transform_kwargs):
     """Transform, randomize every b, and check output, gradients and merge against the
-    folded reference; returns the adapted module."""
+    folded reference; returns the adapted module. ``expected``: the weight names that
+    must be adapted (default: :func:`matrix_weights`, what ``"all"`` must adapt)."""
     model.eval()
     randomize_norms(model)
     gm = quiet_transform(model, pattern, example_inputs=args, example_kwargs=kwargs, **transform_kwargs)
     randomize_adapters(gm, 1, scale=0.05)
     out = first_tensor(gm.eval()(*args, **(kwargs or {})))
-    assert_close(out, first_tensor(folded(model, gm)(*args, **(kwargs or {}))), torch.float32, "adapted vs folded")
+    reference = folded(model, gm, matrix_weights(model) if expected is None else expected)
+    assert_close(out, first_tensor(reference(*args, **(kwargs or {}))), torch.float32, "adapted vs folded")
     assert_close(first_tensor(ol.merge(gm)(*args, **(kwargs or {}))), out, torch.float32, "merged vs adapted")
     first_tensor(gm.train()(*args, **(kwargs or {}))).square().mean().backward()
     grads = {n: p.grad for n, p in ol.adapter_parameters(gm).items()}
@@ -363,7 +365,7 @@ def test_a_failing_shape_guard_is_a_new_call_captured_on_first_use():
     model = Guarded()
     gm = quiet_transform(model, "all", example_inputs=(torch.randn(3, 4),), capture="export")
     randomize_adapters(gm, 2)
-    reference = folded(model, gm)
+    reference = folded(model, gm, {"lin.weight"})
     for batch in (2, 3, 5, 1):
         x = torch.randn(batch, 4)
         assert_close(gm(x), reference(x), torch.float32, f"batch {batch}")

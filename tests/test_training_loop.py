@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import onelora_fx as ol
 from handwritten import MLP
-from reference import DEVICES, first_tensor, listing1_copy, randomize_adapters, tolerance
+from reference import DEVICES, first_tensor, linear_layers, listing1_copy, randomize_adapters, tolerance
 
 transformers = pytest.importorskip("transformers")
 from onelora_fx.tools import zoo  # noqa: E402
@@ -50,7 +50,7 @@ def test_autocast_matches_the_base_model_under_autocast_and_trains(device, name,
     model, kwargs = build(name, device)
     gm = adapt(model, kwargs, capture)
     bs = randomize_adapters(gm, 1, scale=0.05)
-    reference = listing1_copy(model, bs).eval()
+    reference = listing1_copy(model, bs, linear_layers(model)).eval()
     gm.eval()
     with autocast(device):
         out, expected = first_tensor(gm(**kwargs)), first_tensor(reference(**kwargs))
@@ -77,7 +77,7 @@ def test_autocast_through_the_compile_backend(device, name):
     model, kwargs = build(name, device)
     gm = adapt(model, kwargs)
     bs = randomize_adapters(gm, 2, scale=0.05)
-    reference = listing1_copy(model, bs).eval()
+    reference = listing1_copy(model, bs, linear_layers(model)).eval()
     torch._dynamo.reset()
     compiled = torch.compile(gm.eval(), backend="onelora", fullgraph=True)
     with autocast(device):
@@ -127,12 +127,13 @@ def test_dtype_moves_compute_what_the_moved_model_computes(capture):
     gm.to(torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in gm.parameters())
     kwargs = {k: v.bfloat16() if v.is_floating_point() else v for k, v in kwargs.items()}  # as the moved model takes them
-    reference = listing1_copy(copy.deepcopy(pristine).to(torch.bfloat16), {k: v.bfloat16() for k, v in bs.items()}).eval()
+    reference = listing1_copy(copy.deepcopy(pristine).to(torch.bfloat16), {k: v.bfloat16() for k, v in bs.items()}, linear_layers(pristine)).eval()
     out = first_tensor(gm.eval()(**kwargs))
     assert out.dtype == torch.bfloat16
     # the moved model in float64 (its bfloat16 weights and vectors, exactly) is the truth;
     # onelora_fx computes its 1LoRA term in float32 (Listing 1 in bfloat16 is further off)
-    truth = listing1_copy(copy.deepcopy(pristine).to(torch.bfloat16).double(), {k: v.bfloat16().double() for k, v in bs.items()})
+    truth = listing1_copy(copy.deepcopy(pristine).to(torch.bfloat16).double(), {k: v.bfloat16().double() for k, v in bs.items()},
+                         linear_layers(pristine))
     exact = first_tensor(truth.eval()(**{k: v.double() if v.is_floating_point() else v for k, v in kwargs.items()}))
     close_bf16(out, exact)
     close_bf16(first_tensor(reference(**kwargs)), exact)
@@ -144,7 +145,8 @@ def test_dtype_moves_compute_what_the_moved_model_computes(capture):
     gm.float()
     kwargs = {k: v.float() if v.is_floating_point() else v for k, v in kwargs.items()}
     tol = tolerance(torch.float32)
-    back = listing1_copy(copy.deepcopy(pristine).to(torch.bfloat16).float(), {k: v.bfloat16().float() for k, v in bs.items()})
+    back = listing1_copy(copy.deepcopy(pristine).to(torch.bfloat16).float(), {k: v.bfloat16().float() for k, v in bs.items()},
+                         linear_layers(pristine))
     torch.testing.assert_close(first_tensor(gm(**kwargs)), first_tensor(back.eval()(**kwargs)), rtol=tol["rtol"], atol=tol["atol"])
 
 
@@ -210,7 +212,7 @@ def test_build_on_meta_then_materialize(capture, tmp_path):
     gm.load_state_dict({"lm_head.weight": head}, strict=False)
     gm.eval()
     assert torch.equal(gm(input_ids=ids).logits, real(input_ids=ids).logits), "b = 0: exactly the real model"
-    reference = listing1_copy(real, randomize_adapters(gm, 5))
+    reference = listing1_copy(real, randomize_adapters(gm, 5), linear_layers(real))
     tol = tolerance(torch.float32)
     torch.testing.assert_close(gm(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=tol["rtol"], atol=tol["atol"])
     norm = "model.norm.weight"
@@ -227,7 +229,7 @@ def test_device_numerics_op_merge_export_adapter(device, tmp_path):
     # H200, as the graph form does; with eager attention all three are equal.)
     base = torch.export.export(model, (), kwargs, strict=False).module()
     assert torch.equal(gm.eval()(**kwargs).logits, base(**kwargs).logits)
-    reference = listing1_copy(model, randomize_adapters(gm, 6))
+    reference = listing1_copy(model, randomize_adapters(gm, 6), linear_layers(model))
     tol = tolerance(torch.float32)
     expected = reference(**kwargs).logits
     torch.testing.assert_close(gm(**kwargs).logits, expected, rtol=tol["rtol"], atol=tol["atol"])
