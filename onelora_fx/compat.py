@@ -45,6 +45,8 @@ __all__ = [
     "route_forward",
     "set_grad_enabled",
     "set_flat_codegen",
+    "subclass_over",
+    "unpack_bnb_cpu_weight",
 ]
 
 #: private names used outside this file by convention (see the module docstring)
@@ -187,3 +189,28 @@ def is_dtensor(t: object) -> bool:
     it is loaded)."""
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(t, module.DTensor)
+
+
+def subclass_over(t: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    """A new tensor of ``t``'s class (a Parameter subclass: bitsandbytes' ``Params4bit``,
+    ``Int8Params``) over ``data``, with ``t``'s Python fields.
+
+    ``torch.Tensor._make_subclass`` is how ``nn.Parameter.__new__`` itself builds one;
+    calling the subclass's own constructor instead would run its ``__new__``, which for
+    bitsandbytes quantizes again or drops its state.
+    """
+    out = torch.Tensor._make_subclass(type(t), data, t.requires_grad)
+    out.__dict__.update(vars(t))
+    return out
+
+
+def unpack_bnb_cpu_weight(data: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+    """bitsandbytes' inverse of its CPU repacking of a 4-bit weight (the codes back in
+    the standard order; ``state``'s fields are assigned, so pass a copy).
+
+    ``bitsandbytes.functional._convert_weight_packed_for_cpu_inverse`` is private, but it
+    is the only code that knows the packed order (bitsandbytes 0.50 has no public unpack).
+    """
+    import bitsandbytes.functional as bnb_f
+
+    return bnb_f._convert_weight_packed_for_cpu_inverse(data, state)

@@ -31,6 +31,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .compat import subclass_over, unpack_bnb_cpu_weight
+
 __all__ = ["quantized_site", "logical_numel", "is_quantized_weight", "is_quantized_layer", "weight_kind", "logical_shape", "compute_dtype", "dequantize",
            "QUANTIZED_LAYERS", "is_cpu_packed", "unpacked_4bit", "own_quantized_layers"]
 
@@ -156,16 +158,13 @@ def unpacked_4bit(weight: torch.Tensor) -> tuple[torch.Tensor, Any]:
     state = getattr(weight, "quant_state", None)
     if not is_cpu_packed(weight):
         return weight.data, state
-    import bitsandbytes.functional as bnb_f
-
-    # bitsandbytes' own inverse, on a copy of the state (it assigns the state's fields);
-    # private, but the only code that knows the packed order of the codes
+    # bitsandbytes' own inverse, on a copy of the state (it assigns the state's fields)
     fresh = copy.copy(state)
     # its inverse re-quantizes a double-quantized absmax (lossy) and leaves a plain one
     # in the packed order ([in / blocksize, out], bfloat16): neither is what the packed
     # layer computes with, so the absmax is put back in row order here, unquantized
     fresh.original_nested = False
-    data, fresh = bnb_f._convert_weight_packed_for_cpu_inverse(weight.data, fresh)
+    data, fresh = unpack_bnb_cpu_weight(weight.data, fresh)
     fresh.absmax = state.absmax.t().reshape(-1).float()
     fresh.nested = False
     return data, fresh
@@ -188,9 +187,7 @@ def own_quantized_layers(root: nn.Module) -> None:
             continue
         w = m._parameters["weight"]
         data, state = unpacked_4bit(w) if is_cpu_packed(w) else (w.data, copy.copy(getattr(w, "quant_state", None)))
-        # the same construction as nn.Parameter's, keeping the subclass and its fields
-        own = torch.Tensor._make_subclass(type(w), data, w.requires_grad)
-        own.__dict__.update(vars(w))
+        own = subclass_over(w, data)
         if state is not None:
             own.quant_state = state
         if "module" in vars(w):
