@@ -90,10 +90,89 @@ def test_backward_keeps_only_s():
     assert [tuple(t.shape) for t in new_memory] == [(64,)]
 
 
-def test_custom_op_is_registered_correctly():
-    x, w, bvec, b = make((2, 3), 4, 5, torch.float32, False, True, True, 0)
-    torch.library.opcheck(torch.ops.onelora.linear.default, (x, w, bvec, b, False))
-    torch.library.opcheck(torch.ops.onelora.linear.default, (x, w.t().contiguous(), None, b, True))
+def sample_inputs(dtype, full: bool):
+    """The op's sample inputs, as PyTorch's OpInfo gives them: both layouts, with and
+    without bias; ``full``: also shapes (a vector, a matrix, a non-contiguous batch of
+    sequences) and which inputs require grad (a frozen weight, a trained one)."""
+    shapes = [((), True), ((3,), True), ((2, 3), False)] if full else [((2, 3), True)]
+    for shape, contiguous in shapes:
+        for transposed in (False, True):
+            for bias in (False, True):
+                for grads in (("x,b", "x,w,bias,b") if full else ("x,w,bias,b",)):
+                    x, w, bvec, b = make(shape, 4, 5, dtype, transposed, bias, contiguous, 0)
+                    args = {"x": x, "w": w, "bias": bvec, "b": b}
+                    for name in grads.split(","):
+                        if args[name] is not None:
+                            args[name].requires_grad_()
+                    yield (args["x"], args["w"], args["bias"], args["b"], transposed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_custom_op_passes_opcheck_on_every_sample(dtype):
+    """``torch.library.opcheck`` (schema, autograd registration, fake tensor, AOT
+    dispatch) on each sample; the autograd checks run because inputs require grad."""
+    samples = list(sample_inputs(dtype, full=dtype == torch.float32))  # every case in fp32, the layouts in the others
+    assert len(samples) == (24 if dtype == torch.float32 else 4) and all(any(t is not None and t.requires_grad for t in a[:4]) for a in samples)
+    for args in samples:
+        torch.library.opcheck(torch.ops.onelora.linear.default, args)
+
+
+def test_stacked_rows_and_expert_terms_pass_gradcheck():
+    """The variants beside the single op: many adapters in one batch (``linear_rows``,
+    its eager autograd Function; ``add_rows_term``), and each row's expert (``expert_term``,
+    grouped and batched)."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+
+    ids = torch.tensor([1, -1, 0])
+    for transposed in (False, True):
+        x, B = rand(3, 2, 4), rand(2, 5)
+        w = rand(4, 5) if transposed else rand(5, 4)
+        for bias in (None, rand(5)):
+            args = [x, w, B] if bias is None else [x, w, B, bias]
+            assert torch.autograd.gradcheck(
+                lambda x, w, B, *bias: ops.linear_rows(x, w, bias[0] if bias else None, B, ids, transposed), args)
+    y = rand(3, 2, 5)
+    assert torch.autograd.gradcheck(lambda y, x, B: ops.add_rows_term(y, x, B, ids), [y, x, B])
+    rows, experts = rand(5, 4), rand(2, 3)
+    assert torch.autograd.gradcheck(lambda y, x, b: ops.expert_term(y, x, torch.tensor([2, 4]), b),
+                                    [rand(5, 3), rows, experts])  # the last row routed to no expert
+    assert torch.autograd.gradcheck(lambda y, x, b: ops.expert_term(y, x, None, b), [rand(2, 3, 3), rand(2, 3, 4), experts])
+
+
+def test_single_op_gradgradcheck_where_defined():
+    """Double backward of the decomposition (what compile and export trace) is Listing 1's."""
+    x, w, bvec, b = make((2, 3), 4, 5, torch.float64, False, True, True, 0)
+    args = [t.requires_grad_() for t in (x, w, bvec, b)]
+    assert torch.autograd.gradgradcheck(lambda *a: ops.decompose(*a), args)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_gradients_are_listing1_under_autocast(dtype):
+    """Under autocast the op's output (in ``F.linear``'s autocast dtype) and its
+    gradients for x and b equal Listing 1 (``linear(x) + b * x.sum(-1)``, run under the
+    same autocast; its term stays float32) within the dtype's tolerance."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 6, 16, generator=g)
+    w, bias = torch.randn(8, 16, generator=g) * 0.2, torch.randn(8, generator=g)
+    b = torch.randn(8, generator=g) * 0.1
+    results = []
+    for fn in (lambda x, b: ops.linear(x, w, bias, b), lambda x, b: F.linear(x, w, bias) + b * x.sum(-1, keepdim=True)):
+        xi, bi = x.clone().requires_grad_(), b.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype):
+            y = fn(xi, bi)
+        y.float().square().mean().backward()
+        results.append((y.float(), xi.grad, bi.grad))
+        assert bi.grad.dtype == b.dtype
+    assert results[0][0].dtype == torch.float32  # (the op's output is F.linear's under autocast: checked below)
+    with torch.autocast("cpu", dtype=dtype):
+        assert ops.linear(x, w, bias, b).dtype == F.linear(x, w, bias).dtype == dtype
+    tol = tolerance(dtype)
+    for got, want, what in zip(results[0], results[1], ("output", "x gradient", "b gradient")):
+        scale = max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got, want, rtol=tol["rtol"], atol=tol["atol"] * scale, msg=what)
 
 
 def test_symbolic_trace_keeps_one_node():
