@@ -66,6 +66,17 @@ def listing1_copy(model: nn.Module, vectors: dict[str, torch.Tensor], expected: 
     return ref
 
 
+def hooked(model, vectors, where):
+    """The reference: a copy of ``model`` whose modules ``where`` (``{path: vector name}``)
+    add ``b * input.sum(-1)`` to their outputs in forward hooks, ``b`` a leaf copy of that
+    vector; returns ``(copy, {vector name: leaf})``."""
+    ref, leaves = copy.deepcopy(model), {}
+    for path, name in where.items():
+        b = leaves[name] = vectors[name].detach().clone().requires_grad_(True)
+        ref.get_submodule(path).register_forward_hook(lambda mod, inp, out, b=b: out + b * inp[0].sum(-1, keepdim=True))
+    return ref, leaves
+
+
 def randomize_adapters(gm: nn.Module, seed: int = 0, scale: float = 0.1) -> dict[str, torch.Tensor]:
     """Give every b vector random values; returns ``{site name: b}``."""
     import onelora_fx as ol

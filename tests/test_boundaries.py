@@ -19,7 +19,7 @@ from torch import nn
 
 import onelora_fx as ol
 from reference import randomize_adapters
-from toolkit import assert_close, ids, quiet_transform, tiny_llama
+from toolkit import assert_close, assert_same_state, ids, model_state, quiet_transform, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -132,15 +132,6 @@ def peft_dir(tmp_path):
     return saved_peft(tmp_path)
 
 
-def snapshot(module):
-    return {k: v.detach().clone() for k, v in ol.adapter_parameters(module).items()}
-
-
-def unchanged(module, snap):
-    return all(torch.equal(v, snap[k]) or torch.allclose(v, snap[k], rtol=0, atol=0, equal_nan=True)
-               for k, v in ol.adapter_parameters(module).items())
-
-
 def test_save_peft_names_its_task(peft_dir):
     config = json.loads((peft_dir[0] / "adapter_config.json").read_text())
     assert config["task_type"] == "CAUSAL_LM"
@@ -154,10 +145,10 @@ def test_config_fields_that_change_the_math_are_refused(peft_dir, field, value):
     config = json.loads((directory / "adapter_config.json").read_text())
     config[field] = value
     (directory / "adapter_config.json").write_text(json.dumps(config))
-    snap = snapshot(target)
+    snap = model_state(target)
     with pytest.raises(ol.AdapterFileError, match=field):
         ol.load_peft(target, directory)
-    assert unchanged(target, snap)
+    assert_same_state(snap, model_state(target))
 
 
 def test_a_tensor_it_does_not_understand_is_refused(peft_dir):
@@ -170,10 +161,10 @@ def test_a_tensor_it_does_not_understand_is_refused(peft_dir):
                   "base_model.model.model.embed_tokens.lora_embedding_A"):
         more = {**tensors, extra: torch.zeros(4)}
         save_file(more, str(directory / "adapter_model.safetensors"))
-        snap = snapshot(target)
+        snap = model_state(target)
         with pytest.raises(ol.AdapterFileError, match=extra.replace(".", r"\.")):
             ol.load_peft(target, directory)
-        assert unchanged(target, snap)
+        assert_same_state(snap, model_state(target))
 
 
 def test_unreadable_peft_files_are_adapter_file_errors(peft_dir):
@@ -248,12 +239,12 @@ def test_random_corruptions_load_exactly_or_refuse_with_nothing_changed(saved_ad
     with torch.no_grad():  # every vector set to a known value that the trained adapter does not hold
         for p in ol.adapter_parameters(target).values():
             p.fill_(float("nan"))
-    snap = snapshot(target)
+    snap = model_state(target)
     load = ol.load_peft if peft else ol.load_adapter
     if REFUSED[what] in ("both", "peft" if peft else "1lora"):
         with pytest.raises(ol.AdapterFileError):
             load(target, path)
-        assert unchanged(target, snap), "a refused file changed the vectors"
+        assert_same_state(snap, model_state(target), "the module a refused file was loaded into")
         return
     load(target, path)
     scale = 2.0 if what == "config-alpha" and peft else 1.0

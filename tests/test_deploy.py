@@ -196,14 +196,6 @@ def adapted_mlp(seed=0, train=()):
     return gm
 
 
-def snapshot(m):
-    return {k: v.clone() for k, v in m.state_dict().items()}
-
-
-def unchanged(m, snap):
-    return all(torch.equal(v, snap[k]) for k, v in m.state_dict().items())
-
-
 def test_adapter_round_trip_is_exact(tmp_path):
     gm = adapted_mlp(seed=3, train=("norm", "bias"))
     x = torch.randn(5, 8)
@@ -225,7 +217,7 @@ def test_bad_adapter_files_change_nothing(tmp_path):
     gm = adapted_mlp(seed=3)
     good = ol.save_adapter(gm, tmp_path / "good.safetensors")
     target = adapted_mlp(seed=4)
-    snap = snapshot(target)
+    snap = model_state(target)
 
     other = ol.transform(MODULES["mlp"](d_hidden=12), "all-linear")  # other shapes
     shape_file = ol.save_adapter(other, tmp_path / "shape.safetensors")
@@ -254,10 +246,10 @@ def test_bad_adapter_files_change_nothing(tmp_path):
     for path, message in cases.items():
         with pytest.raises(ol.AdapterFileError, match=message):
             ol.load_adapter(target, path)
-        assert unchanged(target, snap), path
+        assert_same_state(snap, model_state(target), str(path))
     with pytest.raises(FileNotFoundError):
         ol.load_adapter(target, tmp_path / "nope.safetensors")
-    assert unchanged(target, snap)
+    assert_same_state(snap, model_state(target))
 
 
 @needs_transformers

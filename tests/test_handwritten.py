@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 import onelora_fx as ol
 from handwritten import MODULES, SITES, example
-from reference import randomize_adapters, tolerance
+from reference import randomize_adapters
+from toolkit import assert_close
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 
@@ -21,12 +22,6 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 def build(name, d_in, d_hidden, d_out, bias, dtype, seed=0):
     torch.manual_seed(seed)
     return MODULES[name](d_in, d_hidden, d_out, bias).to(dtype)
-
-
-def assert_close(actual, expected, dtype):
-    tol = tolerance(dtype)
-    scale = max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(actual, expected, rtol=tol["rtol"], atol=tol["atol"] * scale)
 
 
 #: (pattern, the site names it selects given the module's site names and heads): the

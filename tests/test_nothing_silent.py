@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import onelora_fx as ol
-from reference import first_tensor, folded, matrix_weights, randomize_adapters
+from reference import first_tensor, folded, hooked, matrix_weights, randomize_adapters
 from toolkit import IDS, assert_close, quiet_transform, randomize_norms
 
 transformers = pytest.importorskip("transformers")
@@ -105,17 +105,6 @@ def test_the_fallback_finds_a_raw_parameter_read_by_f_linear():
     gm = adapted_exactly(model, None, (torch.randn(3, 8),))
     assert {s.name for s in ol.sites(gm) if s.adapted} == {"fc", "router", "out"}
     assert "capture: module" in ol.summary(gm)
-
-
-def hooked(model, vectors, where):
-    """The reference: a copy of ``model`` whose modules ``where`` (``{path: vector name}``)
-    add ``b * input.sum(-1)`` to their outputs in forward hooks, ``b`` a leaf copy of that
-    vector; returns ``(copy, {vector name: leaf})``."""
-    ref, leaves = copy.deepcopy(model), {}
-    for path, name in where.items():
-        b = leaves[name] = vectors[name].detach().clone().requires_grad_(True)
-        ref.get_submodule(path).register_forward_hook(lambda mod, inp, out, b=b: out + b * inp[0].sum(-1, keepdim=True))
-    return ref, leaves
 
 
 class _Project(nn.Module):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import onelora_fx as ol
-from reference import randomize_adapters
+from reference import hooked, randomize_adapters
 from toolkit import IDS, assert_close, assert_same_state, model_state, quiet_transform, randomize_norms, tiny_llama
 
 transformers = pytest.importorskip("transformers")
@@ -75,16 +75,10 @@ def quantized(request):
     return request.param, full, quantize(copy.deepcopy(full))
 
 
-def hooked(model: nn.Module, gm: nn.Module):
-    """The quantized model with ``b * x.sum(-1)`` added by forward hooks, and its b's."""
-    ref = copy.deepcopy(model)
-    vectors = {}
-    for s in ol.sites(gm):
-        if s.adapted:
-            b = gm.get_parameter(s.adapter_name).detach().clone().requires_grad_()
-            vectors[s.adapter_name] = b
-            ref.get_submodule(s.owner).register_forward_hook(lambda m, i, o, b=b: o + b * i[0].sum(-1, keepdim=True))
-    return ref, vectors
+def hooked_sites(model: nn.Module, gm: nn.Module):
+    """:func:`reference.hooked` at every adapted layer of ``gm`` (all of them ``nn.Linear``
+    or quantized layers here, each adapted whole)."""
+    return hooked(model, ol.adapter_parameters(gm), {s.owner: s.adapter_name for s in ol.sites(gm) if s.adapted})
 
 
 def test_quantized_linears_are_sites_and_match_the_hooked_model(quantized):
@@ -96,7 +90,7 @@ def test_quantized_linears_are_sites_and_match_the_hooked_model(quantized):
                for s, b in zip(adapted, (gm.get_parameter(s.adapter_name) for s in adapted)))
     assert "0 unadapted" in ol.summary(gm)
     randomize_adapters(gm, 3, scale=0.05)
-    ref, vectors = hooked(model, gm)
+    ref, vectors = hooked_sites(model, gm)
     out = gm(input_ids=IDS).logits
     expected = ref(input_ids=IDS).logits
     assert_close(out, expected, torch.float32, "output")
@@ -160,7 +154,7 @@ def test_other_bitsandbytes_layers_match_the_hooked_model_and_merge(kind):
     adapted = [s for s in ol.sites(gm) if s.adapted]
     assert len(adapted) == 14 and {s.quantized for s in adapted} == {"Linear4bit" if kind == "fp4" else "Linear8bitLt"}
     randomize_adapters(gm, 7, scale=0.05)
-    ref, vectors = hooked(model, gm)
+    ref, vectors = hooked_sites(model, gm)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Linear8bitLt: "inputs will be cast from torch.float32 to float16"
         out, expected = gm(input_ids=IDS).logits, ref(input_ids=IDS).logits
@@ -213,17 +207,11 @@ def float_weight(layer: nn.Module, packed: bool) -> torch.Tensor:
 def dequantized_reference(full: nn.Module, weights: dict[str, torch.Tensor], gm: nn.Module) -> tuple[nn.Module, dict]:
     """The float model holding the dequantized weights, with ``b * x.sum(-1)`` added to
     each adapted layer's output by a hook, and those b's (leaves of their own)."""
-    ref = copy.deepcopy(full)
+    dequantized = copy.deepcopy(full)
     with torch.no_grad():
         for name, w in weights.items():
-            ref.get_submodule(name).weight.copy_(w)
-    vectors = {}
-    for s in ol.sites(gm):
-        if s.adapted:
-            b = gm.get_parameter(s.adapter_name).detach().clone().requires_grad_()
-            vectors[s.adapter_name] = b
-            ref.get_submodule(s.owner).register_forward_hook(lambda m, i, o, b=b: o + b * i[0].sum(-1, keepdim=True))
-    return ref, vectors
+            dequantized.get_submodule(name).weight.copy_(w)
+    return hooked_sites(dequantized, gm)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval-packed"])

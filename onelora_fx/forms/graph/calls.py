@@ -61,6 +61,7 @@ class Signature:
     """The calling convention of a model's ``forward``, to canonicalize calls.
 
     Example:
+        >>> from torch import nn
         >>> sig = Signature(nn.Linear(2, 2).forward)
         >>> sig.canonical((torch.ones(1, 2),), {})[1].keys()
         dict_keys(['input'])
