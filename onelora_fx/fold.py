@@ -1,4 +1,5 @@
-"""``W + b 1ᵀ`` in float32, cast back to the weight's dtype: the one fold.
+"""``W + b 1ᵀ`` in float32 (float64 for a float64 weight), cast back to the weight's
+dtype: the one fold.
 
 A ``DTensor`` weight (tensor parallelism) is folded shard by shard: ``b`` is placed as the
 weight's output dimension (:func:`onelora_fx.records.vector_placements`), so each rank
@@ -33,10 +34,16 @@ class MergeError(ValueError):
     """The module cannot be merged (nothing adapted, a non-finite ``b``, an overflow)."""
 
 
-def _delta(b: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """``b`` shaped to broadcast against one block of the weight (float32)."""
-    b32 = b.detach().to(torch.float32)
-    return b32.unsqueeze(-1) if layout is Layout.OUT_IN else b32.unsqueeze(-2)
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a fold is computed in: float32, or the weight's own where it is wider
+    (float64 weights fold in float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _delta(b: torch.Tensor, layout: Layout, dtype: torch.dtype) -> torch.Tensor:
+    """``b`` shaped to broadcast against one block of the weight, in the fold's dtype."""
+    wide = b.detach().to(accumulation_dtype(dtype))
+    return wide.unsqueeze(-1) if layout is Layout.OUT_IN else wide.unsqueeze(-2)
 
 
 def _blocks(weight: torch.Tensor, b: torch.Tensor, layout: Layout) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -51,7 +58,7 @@ def _blocks(weight: torch.Tensor, b: torch.Tensor, layout: Layout) -> Iterator[t
     rows = max(1, _CHUNK_ELEMENTS // max(1, weight.shape[1]))
     for start in range(0, weight.shape[0], rows):
         part = b[start : start + rows] if layout is Layout.OUT_IN else b
-        yield weight[start : start + rows], _delta(part.to(weight.device), layout)
+        yield weight[start : start + rows], _delta(part.to(weight.device), layout, weight.dtype)
 
 
 def _local(weight: torch.Tensor, b: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +74,8 @@ def _local(weight: torch.Tensor, b: torch.Tensor, layout: Layout) -> tuple[torch
 
 
 def fold(weight: torch.Tensor, b: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """``W + b 1ᵀ`` in float32, cast back to ``weight``'s dtype (a new tensor).
+    """``W + b 1ᵀ`` in float32 (float64 for a float64 weight), cast back to
+    ``weight``'s dtype (a new tensor).
 
     Example:
         >>> fold(torch.zeros(2, 3), torch.tensor([1.0, 2.0]), Layout.OUT_IN)
@@ -83,7 +91,7 @@ def fold(weight: torch.Tensor, b: torch.Tensor, layout: Layout) -> torch.Tensor:
     out = torch.empty_like(weight)
     with torch.no_grad():
         for (block, delta), (target, _) in zip(_blocks(weight.detach(), b, layout), _blocks(out, b, layout)):
-            target.copy_(block.to(torch.float32) + delta)
+            target.copy_(block.to(delta.dtype) + delta)
     return out
 
 
@@ -95,10 +103,10 @@ def fold_into(weight: torch.Tensor, b: torch.Tensor, layout: Layout) -> None:
         return
     with torch.no_grad():
         for block, delta in _blocks(weight, b, layout):
-            if block.dtype == torch.float32:
+            if block.dtype == delta.dtype:
                 block.add_(delta)
             else:
-                block.copy_(block.to(torch.float32) + delta)
+                block.copy_(block.to(delta.dtype) + delta)
 
 
 def check(weight: torch.Tensor, b: torch.Tensor, layout: Layout, name: str) -> Optional[str]:
@@ -120,11 +128,12 @@ def check(weight: torch.Tensor, b: torch.Tensor, layout: Layout, name: str) -> O
         return f"{name} has non-finite values"
     with torch.no_grad():  # one reduction over the weight, no scratch: enough unless near the dtype's range
         lo, hi = torch.aminmax(weight.detach())
-        bound = torch.maximum(lo.abs(), hi.abs()).to(torch.float32) + b.detach().abs().max().to(torch.float32)
+        wide = accumulation_dtype(weight.dtype)
+        bound = torch.maximum(lo.abs(), hi.abs()).to(wide) + b.detach().abs().max().to(wide)
     if torch.isfinite(bound) and bound.item() < torch.finfo(weight.dtype).max / 2:
         return None
     for block, delta in _blocks(weight.detach(), b, layout):  # the exact check, block by block
-        folded = (block.to(torch.float32) + delta).to(weight.dtype)
+        folded = (block.to(delta.dtype) + delta).to(weight.dtype)
         if not torch.isfinite(folded).all():
             bad = torch.isfinite(block).all()
             return f"folding {name} overflows {weight.dtype}" if bad else f"{name}'s weight itself is not finite"

@@ -279,3 +279,19 @@ def test_bfloat16_merge_rounds_once(name):
     expected = out(gm16.eval(), args, kwargs16).float()
     torch.testing.assert_close(out(merged16, args, kwargs16).float(), expected, rtol=tol["rtol"],
                                atol=tol["atol"] * max(1.0, expected.abs().max().item()))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_float64_weights_fold_in_float64(inplace):
+    """A float64 weight folds exactly as ``W + b 1ᵀ`` computed in float64 by hand (a
+    float32 fold would be off by ~1e-8)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 8)).double()
+    gm = ol.transform(model, "all")
+    randomize_adapters(gm, 3)
+    expected = {f"{i}.weight": gm.get_parameter(f"{i}.weight").detach().clone() + gm.get_parameter(f"{i}.onelora_b").detach()[:, None]
+                for i in (0, 2)}
+    merged = ol.merge(gm, inplace=inplace)
+    for name, w in expected.items():
+        assert merged.get_parameter(name).dtype == torch.float64
+        assert torch.equal(merged.get_parameter(name), w), name
