@@ -32,7 +32,7 @@ from ...state import AlreadyAdaptedError, Capture, get_state
 from ..base import Captured, Form, Plan, own_buffers, plan_merge
 from ..graph.calls import Signature
 from ..graph.capture import CaptureError, NeedsExample, first_line, trace
-from .layers import SiteCall, adapt_caller, adapt_layer, adapt_quantized_layer, adapt_root, adapt_stack, restore
+from .layers import SiteCall, SiteError, adapt_caller, adapt_layer, adapt_quantized_layer, adapt_root, adapt_stack, restore
 from .record import record
 
 __all__ = ["ModuleForm", "module_sites"]
@@ -191,6 +191,26 @@ def _relative(owner: str, caller: str) -> str:
     return owner[len(caller):].lstrip(".") if caller else owner
 
 
+#: torch.nn layers with a fused inference kernel (eval mode, no grad) that does not call
+#: their sublayers' forwards
+_FAST_PATHS = (nn.TransformerEncoderLayer,)
+
+
+def _inside(root: nn.Module, path: str, *kinds: type) -> Optional[str]:
+    """The path of the outermost module of one of ``kinds`` on the way from ``root`` to
+    ``path`` (``path`` itself included), or None."""
+    parts = path.split(".") if path else []
+    for i in range(len(parts) + 1):
+        prefix = ".".join(parts[:i])
+        try:
+            m = root.get_submodule(prefix) if prefix else root
+        except AttributeError:
+            return None
+        if isinstance(m, kinds):
+            return prefix
+    return None
+
+
 class ModuleForm(Form):
     method = Capture.MODULE
 
@@ -216,6 +236,15 @@ class ModuleForm(Form):
 
     def adapt(self, root: nn.Module, sites: Sequence[LinearSite]) -> dict[str, nn.Parameter]:
         chosen = {s.adapter_name: s for s in sites if s.selected}
+        fused = sorted({s.name for s in chosen.values() if _inside(root, s.owner, nn.MultiheadAttention) is not None})
+        if fused:
+            raise SiteError(
+                f"{len(fused)} selected sites are projections of nn.MultiheadAttention ({', '.join(fused[:4])}"
+                f"{', ...' if len(fused) > 4 else ''}), which computes them inside one fused function "
+                "(F.multi_head_attention_forward, a native kernel in eval mode) that the module form cannot "
+                "follow. Use the graph form (capture='export' with example inputs), or exclude them "
+                f"(exclude={sorted({_inside(root, n, nn.MultiheadAttention) + '.*' for n in fused})!r})."
+            )
         plans = []
         for name, s in chosen.items():  # requires: everything checked before anything changes
             owner = root.get_submodule(s.owner) if s.owner else root
@@ -241,6 +270,11 @@ class ModuleForm(Form):
                     continue
                 for caller in callers:
                     adapt_caller(root.get_submodule(caller) if caller else root, (SiteCall(_relative(s.owner, caller), s.attr),))
+            for path in {_inside(root, s.owner, *_FAST_PATHS) for s in chosen.values()} - {None}:
+                # torch takes a layer's fused inference path only when no torch-function
+                # mode is active: under one (with nothing to intercept) it runs its
+                # composite path, which calls the adapted layers, in every mode
+                adapt_caller(root.get_submodule(path) if path else root, ())
             adapt_root(root)
         except Exception:  # all or nothing: the copy goes back to the model's classes
             for name, s, owner, _, _ in plans:

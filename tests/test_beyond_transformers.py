@@ -1,0 +1,79 @@
+"""Models and edges beyond transformers, tried as users bring them: torch.nn layers with
+fused inference kernels, fx-wrapped functions, computed biases, float64, and the edges of
+stacks, files and moves. Each is exact against a reference written here, or a clear error
+with nothing changed; never a silent skip."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import onelora_fx as ol
+from reference import folded, randomize_adapters
+from toolkit import assert_close, assert_same_state, model_state, quiet_transform
+
+
+class _Branchy(nn.Module):
+    """An encoder behind data-dependent control flow: no graph capture takes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.enc(x)
+        if h.sum() > 0:
+            h = h * 2
+        return self.out(h)
+
+
+MODES = {"train": (True, torch.enable_grad), "eval": (False, torch.enable_grad),
+         "eval-no_grad": (False, torch.no_grad), "eval-inference_mode": (False, torch.inference_mode)}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_a_fused_encoder_layer_runs_the_adapted_math_in_every_mode(mode):
+    """``nn.TransformerEncoderLayer`` takes a fused kernel in eval mode without grad that
+    never calls its linears: the module form keeps it on its composite path, so the
+    adapted layers count in every mode (the reference: W + b 1ᵀ written into a copy)."""
+    torch.manual_seed(0)
+    model = _Branchy()
+    x = torch.randn(2, 5, 16)
+    gm = quiet_transform(model, "all", exclude="enc.self_attn.*", example_inputs=(x,), capture="module")
+    randomize_adapters(gm, 1, scale=0.2)
+    training, context = MODES[mode]
+    reference = folded(model, gm, {"enc.linear1.weight", "enc.linear2.weight", "out.weight"}).train(training)
+    gm.train(training)
+    with context():
+        out, expected = gm(x), reference(x)
+    assert_close(out, expected, torch.float32, mode)
+    with torch.no_grad():
+        assert not torch.allclose(out, model.train(training)(x), atol=1e-3), "b has an effect"
+
+
+def test_multihead_attention_in_the_module_form_is_refused_at_transform():
+    """Sites found by a graph capture but adapted in the module form: MHA's projections
+    run inside one fused function the module form cannot follow: refused, naming them
+    and the two ways out, with the model as it was."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), nn.Linear(16, 4)).eval()
+    before = model_state(model)
+    with pytest.raises(ol.SiteError, match=r"nn\.MultiheadAttention .*capture='export'.*exclude=\['0\.self_attn\.\*'\]"):
+        ol.transform(model, "all", example_inputs=(torch.randn(2, 5, 16),), capture="module")
+    assert_same_state(before, model_state(model))
+
+
+def test_the_fallback_names_multihead_attention_weights_as_unadapted():
+    """No graph capture takes the model: the recorded forward sees MHA's weights passed to
+    ``multi_head_attention_forward``, which it cannot adapt: a warning names them and the
+    summary counts them; the rest is adapted."""
+    torch.manual_seed(0)
+    model = _Branchy().eval()
+    with pytest.warns(UserWarning, match=r"enc\.self_attn\.in_proj_weight \(multi_head_attention_forward\)"):
+        gm = ol.transform(model, "all", example_inputs=(torch.randn(2, 5, 16),))
+    assert {s.name for s in ol.sites(gm) if s.adapted} == {"enc.linear1", "enc.linear2", "out"}
+    assert "unadapted: enc.self_attn.in_proj_weight" in ol.summary(gm)
