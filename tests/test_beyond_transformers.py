@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import warnings
 
+import logging
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import onelora_fx as ol
@@ -77,3 +80,41 @@ def test_the_fallback_names_multihead_attention_weights_as_unadapted():
         gm = ol.transform(model, "all", example_inputs=(torch.randn(2, 5, 16),))
     assert {s.name for s in ol.sites(gm) if s.adapted} == {"enc.linear1", "enc.linear2", "out"}
     assert "unadapted: enc.self_attn.in_proj_weight" in ol.summary(gm)
+
+
+@torch.fx.wrap
+def window_attention(x, w_qkv, w_proj):
+    """torchvision's Swin pattern: attention in a function symbolic_trace keeps whole."""
+    q, k, v = F.linear(x, w_qkv).chunk(3, -1)
+    return F.linear(torch.softmax(q @ k.transpose(-1, -2), -1) @ v, w_proj)
+
+
+class WrappedAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24, bias=False)
+        self.proj = nn.Linear(8, 8, bias=False)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(window_attention(x, self.qkv.weight, self.proj.weight))
+
+
+def test_weights_read_inside_an_fx_wrapped_function_are_never_no_matrix_product(caplog):
+    """symbolic_trace keeps ``window_attention`` whole: 'auto' with examples takes
+    torch.export, which sees into it, and says so; without examples (or with
+    capture='fx') the two weights are named unadapted, never 'no matrix product'."""
+    torch.manual_seed(0)
+    model = WrappedAttention()
+    x = torch.randn(2, 3, 8)
+    with caplog.at_level(logging.WARNING, logger="onelora_fx"):
+        gm = quiet_transform(model, "all", example_inputs=(x,))
+    assert "captured WrappedAttention with torch.export instead" in caplog.text
+    assert "capture: export" in ol.summary(gm)
+    randomize_adapters(gm, 2)
+    assert_close(gm(x), folded(model, gm, {"qkv.weight", "proj.weight", "fc.weight"})(x), torch.float32)
+    for how in ({}, {"capture": "fx"}):
+        with pytest.warns(UserWarning, match=r"qkv\.weight \(window_attention\), proj\.weight \(window_attention\)"):
+            fx_gm = ol.transform(model, "all", **how)
+        assert "1 adapted (11.1% of all weight values), 0 not selected (0.0%), 0 no matrix product (0.0%), 2 unadapted" \
+            in ol.summary(fx_gm), how

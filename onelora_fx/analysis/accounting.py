@@ -9,8 +9,9 @@ of (:class:`WeightClass`):
   lookup, a convolution, a normalization, elementwise arithmetic), or nothing does (a
   branch the forward never takes);
 * **unadapted**: a matrix product that is not a linear site, or an op onelora_fx cannot
-  follow (a custom op, a fused kernel, a batched matmul), reads it. These are named in
-  the one warning ``transform`` gives, with their share of the model's parameters.
+  follow (a custom op, a fused kernel, a batched matmul, a call the capture kept whole
+  such as an ``fx.wrap``-ped function), reads it. These are named in the one warning
+  ``transform`` gives, with their share of the model's parameters.
 
 The readers come from one analysis for both forms: a captured graph
 (:func:`graph_readers`: from each ``get_attr`` through the ops that hand a weight on, see
@@ -55,10 +56,20 @@ class Reader:
     kind: str
     #: where: the graph node, or the module path whose forward made the call
     where: str = ""
+    #: a call the capture did not trace into (an ``fx.wrap``-ped function, a leaf module
+    #: of another library): it may multiply by the weight, and another capture may see in
+    opaque: bool = False
 
 
 # torch.nn layers that multiply by their weights inside one fused kernel
 _MATMUL_MODULES = (nn.RNNBase, nn.Bilinear, nn.MultiheadAttention)
+
+
+def _opaque(target: object) -> bool:
+    """A call the capture kept whole whose code is not torch's or Python's own (an
+    ``fx.wrap``-ped function of a model library, a leaf module of another library)."""
+    module = getattr(target, "__module__", None) or ""
+    return not module.split(".")[0] in ("torch", "_operator", "operator", "builtins", "math", "onelora_fx")
 
 
 def _weights(model: nn.Module) -> dict[int, list[str]]:
@@ -121,6 +132,11 @@ class Accounting:
         """``{weight: op}`` of the weights a matrix product that is no site reads."""
         return {name: next(r.op for r in readers if r.kind == "matmul")
                 for name, readers in self.readers.items() if any(r.kind == "matmul" for r in readers)}
+
+    def opaque(self) -> dict[str, str]:
+        """``{weight: op}`` of the weights read by calls the capture kept whole."""
+        return {name: next(r.op for r in readers if r.opaque)
+                for name, readers in self.readers.items() if any(r.opaque for r in readers)}
 
     def others(self, weight_name: str) -> list[Reader]:
         """What else reads a weight besides its linear sites (for merge)."""
@@ -187,7 +203,9 @@ def graph_readers(root: nn.Module, graph: fx.Graph, sites: Iterable[LinearSite])
                 if carries_weight(op) and user.args and user.args[0] is cur:
                     todo.append(user)
                     continue
-                if is_matmul_like(user.op, user.target):
+                if user.op == "call_function" and _opaque(user.target):
+                    acc.add(name, Reader(op, "matmul", user.name, opaque=True))
+                elif is_matmul_like(user.op, user.target):
                     acc.add(name, Reader(op, "matmul", user.name))
                 elif user not in from_inputs:
                     # arithmetic on weights alone (a weight rescaled, two weights combined)
@@ -208,10 +226,11 @@ def graph_readers(root: nn.Module, graph: fx.Graph, sites: Iterable[LinearSite])
             if node in site_nodes:
                 acc.add(join(str(node.target), "weight"), Reader("nn.Linear", "site", node.name))
                 continue
-            kind = "matmul" if isinstance(module, _MATMUL_MODULES) else "other"
+            opaque = _opaque(type(module))
+            kind = "matmul" if isinstance(module, _MATMUL_MODULES) or opaque else "other"
             for pname, p in module.named_parameters():
                 if id(p) in by_id:
-                    acc.add(by_id[id(p)], Reader(type(module).__name__, kind, node.name))
+                    acc.add(by_id[id(p)], Reader(type(module).__name__, kind, node.name, opaque=opaque))
     return acc
 
 

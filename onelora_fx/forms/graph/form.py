@@ -4,6 +4,7 @@ routes each adapted call through :func:`onelora_fx.ops.linear` (the passes of
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import replace
 from typing import Any, Optional, Sequence
@@ -14,7 +15,7 @@ from torch import fx, nn
 from ... import ops
 from .calls import Signature
 from ...state import Capture
-from .capture import trace
+from .capture import CaptureError, first_line, trace
 from ...compat import pytree
 from ...copying import copy_module_tree, own_parameters
 from ...analysis.accounting import graph_readers
@@ -28,6 +29,8 @@ from ...analysis.sites import find_sites, handles
 from ...records import LinearSite, resolve_attr
 from ...state import get_state
 from ..base import Captured, Form, Plan, own_buffers, plan_merge
+
+log = logging.getLogger(__name__)
 
 __all__ = ["GraphForm"]
 
@@ -60,7 +63,22 @@ class GraphForm(Form):
         own_parameters(root)
         buffers = own_buffers(root)
         found = find_sites(root)
-        return Captured(root, traced.method, found, buffers, graph_readers(root, root.graph, found), traced.mode_note)
+        readers = graph_readers(root, root.graph, found)
+        opaque = readers.opaque()
+        if opaque and method is Capture.AUTO and traced.method is Capture.FX and (args or kwargs):
+            # symbolic_trace kept a call whole (torch.fx.wrap, a leaf module) that reads
+            # weights; torch.export traces into it: take that capture where it works
+            listed = ", ".join(f"{w} ({op})" for w, op in opaque.items())
+            try:
+                captured = self.capture(model, args, kwargs, dynamic, Capture.EXPORT)
+            except CaptureError as e:
+                log.warning("symbolic_trace keeps calls whole that read %s; torch.export cannot capture %s either "
+                            "(%s): keeping symbolic_trace's graph", listed, type(model).__name__, first_line(e))
+            else:
+                log.warning("symbolic_trace keeps calls whole that read %s; captured %s with torch.export instead, "
+                            "which traces into them", listed, type(model).__name__)
+                return captured
+        return Captured(root, traced.method, found, buffers, readers, traced.mode_note)
 
     def sites(self, root: nn.Module) -> list[LinearSite]:
         """The site records of the adapter state, with the graph nodes of the adapted
