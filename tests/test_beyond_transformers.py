@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 
+import copy
 import logging
 
 import pytest
@@ -118,3 +119,57 @@ def test_weights_read_inside_an_fx_wrapped_function_are_never_no_matrix_product(
             fx_gm = ol.transform(model, "all", **how)
         assert "1 adapted (11.1% of all weight values), 0 not selected (0.0%), 0 no matrix product (0.0%), 2 unadapted" \
             in ol.summary(fx_gm), how
+
+
+# ---------------------------------------------------------------------------------- edges
+
+
+def mlp_adapters(k: int):
+    """``k`` adapted copies of one small MLP, each with its own random vectors."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    out = []
+    for seed in range(k):
+        gm = ol.transform(model, "all")
+        randomize_adapters(gm, seed + 1)
+        out.append(gm)
+    return model, out
+
+
+def test_a_negative_adapter_index_is_refused(tmp_path):
+    """In ``adapter_ids`` -1 is the base model: ``index=-1`` in the file functions would
+    silently mean the last adapter, so it is refused, and nothing is written or changed."""
+    _, adapters = mlp_adapters(2)
+    multi = ol.stack(adapters[0], adapters)
+    single = ol.save_adapter(adapters[1], tmp_path / "one.safetensors")
+    before = model_state(multi)
+    for index in (-1, 2, True):
+        with pytest.raises(ValueError, match=r"pass index=0\.\.1"):
+            ol.save_adapter(multi, tmp_path / f"bad{index}.safetensors", index=index)
+        with pytest.raises(ValueError, match=r"pass index=0\.\.1"):
+            ol.load_adapter(multi, single, index=index)
+        assert not (tmp_path / f"bad{index}.safetensors").exists()
+    assert_same_state(before, model_state(multi))
+    ol.load_adapter(multi, single, index=0)  # index 0..K-1 works
+    for name, b in ol.adapter_parameters(multi).items():
+        assert torch.equal(b[0], ol.adapter_parameters(adapters[1])[name]), name
+
+
+def test_a_peft_config_without_lora_alpha_means_peft_s_default(tmp_path):
+    """PEFT reads a config without ``lora_alpha`` as its default (8): so does load_peft,
+    checked against ``PeftModel.from_pretrained`` on the same folder."""
+    peft = pytest.importorskip("peft")
+    import json
+
+    model, (gm,) = mlp_adapters(1)
+    folder = ol.save_peft(gm, tmp_path / "peft") or tmp_path / "peft"
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config.pop("lora_alpha") == 1
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    target = ol.transform(model, "all")
+    ol.load_peft(target, folder)
+    for name, b in ol.adapter_parameters(target).items():
+        assert_close(b, 8 * ol.adapter_parameters(gm)[name].detach(), torch.float32, name)
+    served = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(folder)).eval()
+    x = torch.randn(4, 6)
+    assert_close(target(x), served(x), torch.float32, "PEFT's own reading of the folder")

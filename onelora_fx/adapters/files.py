@@ -86,8 +86,10 @@ def _targets(module: nn.Module, index: Optional[int]) -> dict[str, torch.Tensor]
         if index is not None:
             raise ValueError("index= picks one adapter of a stack (ol.stack); this module holds one adapter")
         return params
-    if index is None or not -count <= index < count:
-        raise ValueError(f"this module stacks {count} adapters ({', '.join(state.stack)}): pass index=0..{count - 1}")
+    if index is None or isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+        # no negative index: in adapter_ids, -1 is the base model, not the last adapter
+        got = "" if index is None else f" (got {index!r}; -1 in adapter_ids is the base model, which has no file)"
+        raise ValueError(f"this module stacks {count} adapters ({', '.join(state.stack)}): pass index=0..{count - 1}{got}")
     return {name: p[index] for name, p in params.items()}
 
 

@@ -194,6 +194,10 @@ def _refuse_fields(config: dict[str, Any], where: Path) -> None:
                                    "so it was not loaded")
 
 
+#: ``peft.LoraConfig``'s default ``lora_alpha`` (peft 0.21, 0.22)
+PEFT_DEFAULT_LORA_ALPHA = 8
+
+
 def _strip(key: str, where: Path) -> str:
     if not key.startswith(PREFIX):
         raise AdapterFileError(f"{where}: tensor {key} is not under {PREFIX!r}: not a PEFT adapter of a whole model")
@@ -206,7 +210,8 @@ def _lora_vectors(config: dict[str, Any], tensors: dict[str, torch.Tensor], wher
         raise AdapterFileError(f"{where} is a LoRA of rank {config.get('r')}: 1LoRA is the rank-1 update ΔW = b 1ᵀ "
                                "(r = 1, lora_A constant), so it cannot be loaded as one")
     _refuse_fields(config, where)
-    scaling = float(config.get("lora_alpha", 1)) / (1.0 if config.get("use_rslora") else float(config["r"]))
+    # a config without lora_alpha means PEFT's default, as PeftModel.from_pretrained reads it
+    scaling = float(config.get("lora_alpha", PEFT_DEFAULT_LORA_ALPHA)) / (1.0 if config.get("use_rslora") else float(config["r"]))
     out, used = {}, set()
     for key, a in tensors.items():
         if not key.endswith(".lora_A.weight"):
