@@ -173,3 +173,24 @@ def test_a_peft_config_without_lora_alpha_means_peft_s_default(tmp_path):
     served = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(folder)).eval()
     x = torch.randn(4, 6)
     assert_close(target(x), served(x), torch.float32, "PEFT's own reading of the folder")
+
+
+@pytest.mark.parametrize("capture", ["fx", "module"])
+def test_an_adapter_is_not_loaded_into_vectors_on_meta(capture, tmp_path):
+    """Loading into a model built on meta would drop the values (a copy into meta is a
+    no-op) and, after ``to_empty``, leave uninitialized memory in every b: refused; after
+    ``to_empty`` and the base weights, every b is zero and the file loads exactly."""
+    model, (trained,) = mlp_adapters(1)
+    path = ol.save_adapter(trained, tmp_path / "a.safetensors")
+    with torch.device("meta"):
+        empty = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    gm = quiet_transform(empty, "all", capture=capture, example_inputs=(torch.randn(2, 6, device="meta"),))
+    for load in (lambda: ol.load_adapter(gm, path), lambda: ol.load_peft(gm, ol.save_peft(trained, tmp_path / "p") or tmp_path / "p")):
+        with pytest.raises(ol.AdapterFileError, match="on the meta device.*to_empty"):
+            load()
+    gm.to_empty(device="cpu")
+    gm.load_state_dict(model.state_dict(), strict=False)
+    assert all(torch.equal(b, torch.zeros_like(b)) for b in ol.adapter_parameters(gm).values())
+    ol.load_adapter(gm, path)
+    x = torch.randn(4, 6)
+    assert torch.equal(gm(x), trained(x))

@@ -155,7 +155,14 @@ def placed_like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def check_fits(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where: str, meta: Optional[dict] = None) -> None:
     """Raise :class:`AdapterFileError` unless ``tensors`` has exactly ``targets``' names,
-    shapes and dtypes."""
+    shapes and dtypes, and ``targets`` hold memory to load into."""
+    on_meta = sorted(n for n, t in targets.items() if t.device.type == "meta")
+    if on_meta:  # a copy into meta is a no-op: the loaded values would be lost silently
+        raise AdapterFileError(
+            f"cannot load {where}: the module's 1LoRA vectors are on the meta device ({on_meta[0]}"
+            f"{', ...' if len(on_meta) > 1 else ''}; the model was built there). Give it memory first "
+            "(gm.to_empty(device=...), then load_state_dict of the base weights), then load the adapter; "
+            "nothing was loaded")
     missing = sorted(set(targets) - set(tensors))
     unexpected = sorted(set(tensors) - set(targets))
     problems = []
