@@ -194,3 +194,17 @@ def test_an_adapter_is_not_loaded_into_vectors_on_meta(capture, tmp_path):
     ol.load_adapter(gm, path)
     x = torch.randn(4, 6)
     assert torch.equal(gm(x), trained(x))
+
+
+@pytest.mark.parametrize("capture", ["fx", "module"])
+def test_a_state_dict_with_some_vectors_reports_the_others_missing(capture):
+    """A base checkpoint (no vector) loads strictly; a state dict holding another
+    pattern's vectors reports the vectors it lacks, and ``strict=True`` refuses it."""
+    model, _ = mlp_adapters(0)
+    narrow = ol.transform(model, "0", capture=capture, example_inputs=(torch.randn(2, 6),))
+    wide = ol.transform(model, "all", capture=capture, example_inputs=(torch.randn(2, 6),))
+    assert wide.load_state_dict(model.state_dict(), strict=True).missing_keys == []
+    result = wide.load_state_dict(narrow.state_dict(), strict=False)
+    assert result.missing_keys == ["2.onelora_b"] and result.unexpected_keys == []
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"2\.onelora_b\""):
+        wide.load_state_dict(narrow.state_dict(), strict=True)

@@ -14,9 +14,10 @@ handled here:
 
 ``load_state_dict`` of the model's own checkpoint fills the base weights, buffers and
 ``train`` extras (they keep the base names). The 1LoRA vectors are in no base
-checkpoint, so they are not reported missing (``strict=True`` holds for a base
-checkpoint); the hook :func:`install` puts on an adapted module fills what is unset
-after each load.
+checkpoint, so they are not reported missing when the state dict holds none of them
+(``strict=True`` holds for a base checkpoint); one that holds some but not all (another
+pattern's adapter) reports the others missing. The hook :func:`install` puts on an
+adapted module fills what is unset after each load.
 """
 
 from __future__ import annotations
@@ -156,7 +157,12 @@ def fill_unset(root: nn.Module, model: nn.Module | None) -> None:
 def _after_load(module: nn.Module, keys) -> None:
     state = get_state(module)
     vectors = set(state.vectors) if state is not None else set()
-    keys.missing_keys[:] = [k for k in keys.missing_keys if k not in vectors]
+    missing = vectors & set(keys.missing_keys)
+    if missing == vectors:
+        # a base checkpoint (no vector in it): the vectors are not missing from it, so
+        # strict=True holds; a state dict with some vectors but not all (another
+        # pattern's adapter) reports the others missing, and strict=True refuses it
+        keys.missing_keys[:] = [k for k in keys.missing_keys if k not in vectors]
     fill_unset(module, state.model if state is not None else None)
 
 
