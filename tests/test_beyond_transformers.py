@@ -208,3 +208,20 @@ def test_a_state_dict_with_some_vectors_reports_the_others_missing(capture):
     assert result.missing_keys == ["2.onelora_b"] and result.unexpected_keys == []
     with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"2\.onelora_b\""):
         wide.load_state_dict(narrow.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("capture", ["fx", "module"])
+def test_merge_in_place_refuses_a_model_cast_after_transform(capture):
+    """``model.half()`` after ``transform`` gives the model new tensors: a merge in place
+    would write into the adapted module's old ones and leave the model as it was."""
+    model, _ = mlp_adapters(0)
+    gm = ol.transform(model, "all", capture=capture, example_inputs=(torch.randn(2, 6),))
+    randomize_adapters(gm, 4)
+    model.half()
+    before, user = model_state(gm), model_state(model)
+    with pytest.raises(ol.MergeError, match=r"model's 0\.weight is no longer one of them .*model\.half\(\)"):
+        ol.merge(gm, inplace=True)
+    assert_same_state(before, model_state(gm), "the adapted module")
+    assert_same_state(user, model_state(model), "the model")
+    merged = ol.merge(gm)  # inplace=False still works
+    assert_close(merged(torch.ones(2, 6)), gm(torch.ones(2, 6)), torch.float32)

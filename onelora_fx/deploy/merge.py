@@ -19,6 +19,7 @@ import warnings
 import torch
 from torch import nn
 
+from ..compat import is_dtensor
 from ..fold import MergeError, check
 from ..quant import dequantize
 from ..forms import Plan, form_of
@@ -52,6 +53,27 @@ def _check(root: nn.Module, groups: dict[str, list[LinearSite]], inplace: bool) 
         problem = check(weight, root.get_parameter(name), s.layout, name)
         if problem is not None:
             raise MergeError(f"{problem} (site {s.name}); nothing was merged")
+
+
+def _storage(t: torch.Tensor) -> tuple:
+    local = t.to_local() if is_dtensor(t) else t
+    return local.untyped_storage().data_ptr(), local.dtype, local.device
+
+
+def _check_shared(root: nn.Module, model: nn.Module, groups: dict[str, list[LinearSite]]) -> None:
+    """``inplace=True`` writes into the tensors the adapted module shares with the model:
+    a model moved or cast since ``transform`` (``model.half()``) holds new tensors that
+    the merge would not reach, so it is refused before anything changes."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for group in groups.values():
+        s = group[0]
+        mine, theirs = s.weight, params.get(s.weight_name)
+        if theirs is None or mine is None or _storage(mine) != _storage(theirs):
+            raise MergeError(
+                f"merge(inplace=True) writes W + b 1ᵀ into the tensors the adapted module shares with the model, but "
+                f"the model's {s.weight_name} is no longer one of them (was the model moved or cast after transform, "
+                f"e.g. model.half()?): the model would not get the merged weights. Merge with inplace=False and use "
+                "its result, or transform the model after moving it; nothing was merged")
 
 
 def _set_param(root: nn.Module, name: str, value: nn.Parameter) -> None:
@@ -156,6 +178,8 @@ def merge(gm: nn.Module, *, inplace: bool = False) -> nn.Module:
         raise MergeError(f"a stack of {len(state.stack)} adapters has no single set of merged weights: write one "
                          "adapter out (ol.unstack), load it into a single-adapter module and merge that")
     _check(gm, _groups(adapted_sites(gm)), inplace)  # before anything is copied or changed
+    if inplace and state is not None and state.model is not None:
+        _check_shared(gm, state.model, _groups(adapted_sites(gm)))
     target = gm if inplace else form.copy(gm)
     plans = form.plan(target, _groups(adapted_sites(target)))
     form.merge(target, plans, inplace)
