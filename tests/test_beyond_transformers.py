@@ -225,3 +225,21 @@ def test_merge_in_place_refuses_a_model_cast_after_transform(capture):
     assert_same_state(user, model_state(model), "the model")
     merged = ol.merge(gm)  # inplace=False still works
     assert_close(merged(torch.ones(2, 6)), gm(torch.ones(2, 6)), torch.float32)
+
+
+def test_threads_making_first_calls_with_new_signatures_all_get_their_graphs():
+    """Three threads each make a call the example did not show, at once: each is captured
+    (one at a time) and equals the same call made alone afterwards."""
+    pytest.importorskip("transformers")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from toolkit import IDS, tiny_llama
+
+    model = tiny_llama()
+    gm = quiet_transform(model, "all-linear", example_kwargs={"input_ids": IDS}).eval()
+    randomize_adapters(gm, 5)
+    calls = [dict(attention_mask=torch.ones_like(IDS)), dict(output_hidden_states=True), dict(labels=IDS)]
+    with ThreadPoolExecutor(3) as pool:
+        outs = list(pool.map(lambda kw: gm(input_ids=IDS, **kw).logits, calls))
+    for kw, out in zip(calls, outs):
+        assert torch.equal(out, gm(input_ids=IDS, **kw).logits), kw

@@ -27,6 +27,7 @@ and hold no device or dtype constants.
 from __future__ import annotations
 
 import inspect
+import threading
 import logging
 from typing import Any, Callable, Optional
 
@@ -108,9 +109,19 @@ class Source:
         self.method = method
         self.dynamic = dynamic
         self.signature = Signature(model.forward)
+        # one capture at a time (torch.export is not thread-safe): threads making first
+        # calls with new signatures wait, and a call captured meanwhile is served
+        self.lock = threading.RLock()
 
     def __deepcopy__(self, memo: dict) -> "Source":
         return self
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.RLock()
 
 
 def _tensors(root: nn.Module) -> dict[str, torch.Tensor]:
@@ -230,7 +241,14 @@ class CapturedModule(fx.GraphModule):
                 f"{type(self.source.model).__name__} was called inside torch.compile in a way no captured graph serves "
                 "(another keyword, None-ness or a specialized size): call it once that way outside torch.compile "
                 "first, so that its graph is captured", {})
-        call = self._capture_call(args, kwargs)
+        with self.source.lock:
+            for call in self.__dict__.get(_MORE, ()):  # captured by another thread meanwhile
+                if call.accepts(spec, leaves, mode):
+                    try:
+                        return call.unflatten(call.forward(self, *flat))
+                    except GuardFailed:
+                        continue
+            call = self._capture_call(args, kwargs)
         return call.unflatten(call.forward(self, *flat))
 
     def _capture_call(self, args: tuple, kwargs: dict) -> CallGraph:
