@@ -243,3 +243,34 @@ def test_threads_making_first_calls_with_new_signatures_all_get_their_graphs():
         outs = list(pool.map(lambda kw: gm(input_ids=IDS, **kw).logits, calls))
     for kw, out in zip(calls, outs):
         assert torch.equal(out, gm(input_ids=IDS, **kw).logits), kw
+
+
+class ComputedBias(nn.Module):
+    """timm's EVA / BEiT attention: qkv's bias is computed, ``cat(q_bias, 0, v_bias)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24, bias=False)
+        self.q_bias = nn.Parameter(torch.randn(8))
+        self.v_bias = nn.Parameter(torch.randn(8))
+        self.register_buffer("k_bias", torch.zeros(8), persistent=False)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+        q, k, v = qkv.chunk(3, -1)
+        return self.proj(torch.softmax(q @ k.transpose(-1, -2), -1) @ v)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export", "module"])
+def test_a_linear_with_a_computed_bias_is_a_site(capture):
+    torch.manual_seed(0)
+    model = ComputedBias()
+    x = torch.randn(2, 3, 8)
+    gm = quiet_transform(model, "all", capture=capture, example_inputs=(x,))
+    assert {s.name for s in ol.sites(gm) if s.adapted} == {"qkv", "proj"}
+    assert torch.equal(gm(x), model(x))
+    randomize_adapters(gm, 3)
+    reference = folded(model, gm, {"qkv.weight", "proj.weight"})
+    assert_close(gm(x), reference(x), torch.float32, capture)
+    assert_close(ol.merge(gm)(x), reference(x), torch.float32, "merged")

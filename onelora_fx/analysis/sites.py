@@ -259,7 +259,11 @@ def _found(root: nn.Module, node: fx.Node, kind: str, x: Any, weight_arg: Any, b
         return None  # a block of the input features (or of the experts) is no linear layer of this weight
     rows = path.blocks.get(out_dim)
     out_features = (rows[1] - rows[0]) if rows else path.param.shape[out_dim]
-    if bias is not None and not _is_bias_for(root, bias, out_features):
+    # F.linear's third argument is its bias whatever computes it (EVA and BEiT pass
+    # cat(q_bias, k_bias, v_bias)); symbolic_trace records no shapes, so its length may
+    # be unknown here. addmm's input may be anything (a residual): it must be a bias.
+    computed = kind in (Kind.LINEAR.value, "onelora") and isinstance(bias, fx.Node) and _length(root, bias) is None
+    if bias is not None and not computed and not _is_bias_for(root, bias, out_features):
         return None
     return _Found(node, kind, x, weight_arg, bias, offsets, weight_in_out, path.target, path.param, path.flipped, rows=rows)
 
