@@ -100,3 +100,26 @@ def test_exclude_that_removes_nothing_warns_and_names_are_left_aligned():
     rows = [line for line in r.stdout.splitlines() if line.startswith(("fc1", "fc2", "head"))]
     assert [line.split()[0] for line in rows] == ["fc1", "fc2", "head"], "site names start each row (left-aligned)"
     assert "selects 2 sites" in r.stdout
+
+
+USER_FILES = {
+    "broken.py": "def make(:\n",
+    "raising.py": "def make():\n    raise RuntimeError('no weights here')\n",
+    "sklearn.py": "raise ImportError('No module named sklearn', name='sklearn')\n",  # as if not installed
+}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["inspect", "broken:make"], "cannot load 'broken:make': importing broken raised SyntaxError"),
+    (["inspect", "raising:make"], "raising:make: make() raised RuntimeError: no weights here"),
+    (["inspect", ":"], "must be package.module:callable, with both parts"),
+    (["demo", "--quick"], "the demo needs sklearn: pip install 'onelora-fx[demo]'"),
+], ids=["syntax-error", "factory-raises", "colon", "demo-without-sklearn"])
+def test_a_failing_user_factory_is_one_line(args, message, tmp_path):
+    """What the user's own code does wrong is reported in one line (exit 2), never a traceback."""
+    for name, text in USER_FILES.items():
+        (tmp_path / name).write_text(text)
+    r = cli(*args, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("onelora-fx: error:")]
+    assert len(lines) == 1 and message in lines[0], r.stderr

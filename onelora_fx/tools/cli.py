@@ -59,6 +59,8 @@ def load_model(spec: str) -> tuple[nn.Module, tuple, dict]:
     if ":" not in spec:
         raise UsageError(f"MODEL must be one of {', '.join(zoo.ZOO)} or package.module:callable, got {spec!r}")
     module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise UsageError(f"MODEL {spec!r} must be package.module:callable, with both parts")
     # `python -m` puts the current directory on sys.path, the console script does not:
     # a model file next to the user must load the same way from both
     if "" not in sys.path and os.getcwd() not in sys.path:
@@ -67,6 +69,8 @@ def load_model(spec: str) -> tuple[nn.Module, tuple, dict]:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
         raise UsageError(f"cannot load {spec!r}: {e}") from None
+    except Exception as e:  # the user's module fails to import (a SyntaxError, an error at import time)
+        raise UsageError(f"cannot load {spec!r}: importing {module_name} raised {type(e).__name__}: {_first(e)}") from None
     if callable(factory) and not isinstance(factory, nn.Module):
         try:
             inspect.signature(factory).bind()
@@ -74,7 +78,10 @@ def load_model(spec: str) -> tuple[nn.Module, tuple, dict]:
             raise UsageError(f"{spec} must be callable without arguments (it is called as {attr}()): {e}") from None
         except ValueError:  # no signature to read (a builtin): call it and see
             pass
-        made = factory()
+        try:
+            made = factory()
+        except Exception as e:
+            raise UsageError(f"{spec}: {attr}() raised {type(e).__name__}: {_first(e)}") from None
     else:
         made = factory
     example: Any = ()
@@ -85,6 +92,10 @@ def load_model(spec: str) -> tuple[nn.Module, tuple, dict]:
     if isinstance(example, dict):
         return made, (), example
     return made, tuple(example) if isinstance(example, (list, tuple)) else (example,), {}
+
+
+def _first(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 def _plural(n: int, word: str) -> str:
@@ -130,7 +141,11 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from . import demo
+    try:
+        from . import demo
+        import sklearn  # noqa: F401  (the demo's data set ships with scikit-learn)
+    except ImportError as e:
+        raise UsageError(f"the demo needs {e.name or 'its dependencies'}: pip install 'onelora-fx[demo]'") from None
 
     out = Path(args.out)
     try:
