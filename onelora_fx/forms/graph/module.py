@@ -144,8 +144,44 @@ def _compile(root: nn.Module, graph: fx.Graph) -> Callable[..., Any]:
     return type(fx.GraphModule(root, graph)).forward
 
 
+#: the model's attributes a captured module never answers for it: it has its own
+#: (moved, cast or switched since), or they describe the model's own code
+_OWN_STATE = frozenset({"device", "dtype", "training", "forward"})
+
+
 class CapturedModule(fx.GraphModule):
-    """A captured graph that is called like the model and moves like it."""
+    """A captured graph that is called like the model and moves like it.
+
+    It answers for the model's plain attributes (a transformers model's ``config``,
+    ``generation_config``, ``loss_type``, ``main_input_name``: what Trainer and TRL read);
+    the model's methods (``generate``, ``save_pretrained``, ``gradient_checkpointing_enable``)
+    would run the model without its adapter, so asking for one is an error that says
+    which form has it.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            source = self.__dict__.get("meta", {}).get(_SOURCE)
+            if name.startswith("_") or source is None:
+                raise
+        model = source.model
+        if name in _OWN_STATE:
+            raise AttributeError(f"the graph form of {type(model).__name__} (a torch.fx.GraphModule) has no attribute "
+                                 f"{name!r}: it is its own module (read its parameters' device and dtype)")
+        try:
+            value = getattr(model, name)
+        except AttributeError:
+            raise AttributeError(f"the graph form of {type(model).__name__} (a torch.fx.GraphModule) has no attribute "
+                                 f"{name!r}, and neither has the model") from None
+        if callable(value) or isinstance(value, (nn.Module, torch.Tensor)):
+            raise AttributeError(
+                f"{name!r} is {'a method' if callable(value) else 'a part'} of {type(model).__name__}, which its graph "
+                f"form (a torch.fx.GraphModule running the captured graph) does not have: called on the model it would "
+                f"run without the adapter. Adapt with capture='module' (the model's own class, with generate(), "
+                f"save_pretrained() and gradient checkpointing), or merge into the model (ol.merge(gm, inplace=True))")
+        return value
 
     # ------------------------------------------------------------------ building
 

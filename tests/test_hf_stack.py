@@ -1,0 +1,71 @@
+"""The Hugging Face training stack on the default (graph) form: what Trainer and TRL read
+of a model, and Trainer's loss equal to the module form's (the model's own class)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import onelora_fx as ol
+from toolkit import IDS, tiny_llama
+
+transformers = pytest.importorskip("transformers")
+
+
+class Batches(torch.utils.data.Dataset):
+    """Sequences with left padding (masked, labels -100): the token count Trainer
+    normalizes the loss by depends on how the labels are shifted."""
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        ids = torch.randint(1, 64, (8,), generator=torch.Generator().manual_seed(i))
+        mask = torch.ones(8, dtype=torch.long)
+        mask[: i % 3] = 0
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def train(gm, tmp_path, steps=5):
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=steps,
+                                          learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", report_to=[],
+                                          save_strategy="no", logging_steps=1, use_cpu=True, disable_tqdm=True, seed=0)
+    trainer = transformers.Trainer(model=gm, args=args, train_dataset=Batches())
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_trainer_on_the_graph_form_equals_the_module_form(tmp_path):
+    """Trainer reads ``loss_type`` to count label tokens: the graph form answers for the
+    model, so the logged loss and ``b`` after 5 SGD steps equal the module form's."""
+    model = tiny_llama()
+    results = {}
+    for capture in ("auto", "module"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm = ol.transform(model, "all-linear", capture=capture, example_kwargs={"input_ids": IDS})
+        losses = train(gm, tmp_path / capture)
+        results[capture] = (losses, {n: p.detach().clone() for n, p in ol.adapter_parameters(gm).items()})
+    (graph_losses, graph_b), (module_losses, module_b) = results["auto"], results["module"]
+    assert len(graph_losses) == 5
+    torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(module_losses), rtol=1e-6, atol=1e-6)
+    assert graph_b.keys() == module_b.keys()
+    for name in graph_b:
+        assert graph_b[name].abs().sum() > 0, name
+        torch.testing.assert_close(graph_b[name], module_b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_graph_form_answers_for_the_models_attributes_and_refuses_its_methods():
+    model = tiny_llama()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = ol.transform(model, example_kwargs={"input_ids": IDS})
+    assert gm.config is model.config and gm.loss_type == model.loss_type and gm.main_input_name == "input_ids"
+    assert gm.generation_config is model.generation_config
+    for method in ("generate", "save_pretrained", "gradient_checkpointing_enable"):
+        with pytest.raises(AttributeError, match=rf"'{method}' is a method of LlamaForCausalLM, which its graph form .*capture='module'"):
+            getattr(gm, method)
+    with pytest.raises(AttributeError, match="graph form of LlamaForCausalLM .*has no attribute 'nope'"):
+        gm.nope
