@@ -69,3 +69,38 @@ def test_the_graph_form_answers_for_the_models_attributes_and_refuses_its_method
             getattr(gm, method)
     with pytest.raises(AttributeError, match="graph form of LlamaForCausalLM .*has no attribute 'nope'"):
         gm.nope
+
+
+def _classifier(name: str):
+    common = dict(num_hidden_layers=1, num_attention_heads=4, vocab_size=64, pad_token_id=0, num_labels=3)
+    torch.manual_seed(0)
+    if name == "gpt2":
+        return transformers.GPT2ForSequenceClassification(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64,
+                                                                                   pad_token_id=0, num_labels=3))
+    config = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[name]
+    cls = {"llama": transformers.LlamaForSequenceClassification, "qwen2": transformers.Qwen2ForSequenceClassification}[name]
+    return cls(config(hidden_size=32, intermediate_size=64, num_key_value_heads=2, use_cache=False, **common))
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2"])
+def test_a_decoder_classifier_s_score_layer_is_the_head_and_trains_in_full(name):
+    """``score(h)[arange(B), last_token]``: the picked logits are still the projection's,
+    so ``score`` is the head: "all-linear" leaves it out and ``train=("head",)`` trains it."""
+    model = _classifier(name).eval()
+    ids = torch.randint(1, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = ol.transform(model, "all-linear", example_kwargs={"input_ids": ids}, train=("head",))
+    heads = {s.name for s in ol.sites(gm) if s.is_head}
+    assert heads == {"score"}, heads
+    assert not any(s.adapted for s in ol.sites(gm) if s.name == "score")
+    trainable = {n for n, p in gm.named_parameters() if p.requires_grad}
+    assert "score.weight" in trainable, sorted(trainable)
+    before = model.score.weight.detach().clone()
+    opt = torch.optim.SGD([p for p in gm.parameters() if p.requires_grad], lr=0.1)
+    gm.train()
+    loss = torch.nn.functional.cross_entropy(gm(input_ids=ids).logits, torch.tensor([0, 2]))
+    loss.backward()
+    opt.step()
+    assert not torch.equal(gm.get_parameter("score.weight"), before), "the head trained"
+    assert torch.equal(model.score.weight, before), "the model's own head is untouched"

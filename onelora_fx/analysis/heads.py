@@ -3,15 +3,18 @@
 A linear call is a head when its value reaches a graph output through
 
 * shape, cast, activation, dropout and copy ops (``view``, ``permute``, ``to``,
-  ``softmax``, ``tanh``, ...), and
+  ``softmax``, ``tanh``, ...),
+* ops that pick elements of it (``index``, ``gather``: a decoder classifier's logits
+  at each sequence's last token, ``score(h)[arange(B), last]``), and
 * arithmetic with values that do not depend on the model's inputs (constants,
   parameters, buffers: Bart's ``lm_head(h) + final_logits_bias``, a logit scale,
   Gemma 2's soft-capping ``tanh(x / c) * c``) or that depend on them only through the
   value itself (CLIP's ``x / x.norm(dim=-1, keepdim=True)``).
 
-``lm_head`` -> logits and a ViT ``classifier`` are heads; the last block's
-``down_proj`` is not (its output is added to the residual stream, which depends on the
-inputs by another path), nor is any projection followed by a norm or another linear.
+``lm_head`` -> logits, a ViT ``classifier`` and ``LlamaForSequenceClassification``'s
+``score`` are heads; the last block's ``down_proj`` is not (its output is added to the
+residual stream, which depends on the inputs by another path), nor is any projection
+followed by a norm or another linear.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ _PASS_THROUGH = {
     "_log_softmax", "softplus", "elu", "leaky_relu", "hardtanh", "mish", "dropout",
     "feature_dropout", "lift_fresh_copy", "movedim", "swapaxes", "view_as", "reshape_as",
 }
+# Ops that pick elements of their first operand (a classifier of a decoder model reads
+# the logits at each sequence's last token: ``logits[arange(B), last]``): the picked
+# values are still the projection's, whatever computed the indices
+_SELECT = {"index", "index_select", "gather", "take_along_dim", "__getitem__"}
 _ARITHMETIC = {
     "add", "sub", "mul", "div", "true_divide", "truediv", "rsub", "__add__", "__radd__",
     "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
@@ -89,6 +96,8 @@ class HeadRule:
             return len(operands) == 1
         if name in _PASS_THROUGH:
             return True
+        if name in _SELECT:
+            return bool(user.args) and user.args[0] is cur
         if name in _ARITHMETIC:
             return all(self._only_through(a, cur) for a in _node_args(user) if a is not cur)
         return False
