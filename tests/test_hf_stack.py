@@ -104,3 +104,28 @@ def test_a_decoder_classifier_s_score_layer_is_the_head_and_trains_in_full(name)
     opt.step()
     assert not torch.equal(gm.get_parameter("score.weight"), before), "the head trained"
     assert torch.equal(model.score.weight, before), "the model's own head is untouched"
+
+
+PEFT_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"]}
+
+
+@pytest.mark.parametrize("name", sorted(PEFT_TARGETS))
+def test_peft_style_bare_names_select_what_peft_selects(name):
+    """A list of bare module names selects the modules PEFT's own ``target_modules``
+    matching selects (``peft.tuners.tuners_utils.check_target_module_exists``)."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from onelora_fx.tools import zoo
+
+    model, args, kwargs = zoo.build(f"{name}-tiny")
+    targets = PEFT_TARGETS[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        found = ol.sites(model, targets, example_inputs=args or None, example_kwargs=kwargs or None)
+    ours = {s.owner for s in found if s.selected}
+    config = LoraConfig(target_modules=targets)
+    theirs = {n for n, m in model.named_modules()
+              if n and check_target_module_exists(config, n) and (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")}
+    assert ours == theirs and len(ours) >= 2, (ours, theirs)

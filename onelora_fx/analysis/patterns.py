@@ -4,14 +4,17 @@ A pattern is one of
 
 * ``"all-linear"``: every site but the model's output head (the paper's choice),
 * ``"all"``: every site, the head too,
+* a bare name (no dots, no ``*?[]``): a module's own name at any depth, as PEFT's
+  ``target_modules`` reads it: ``"q_proj"`` is ``model.layers.0.self_attn.q_proj`` (and a
+  top-level ``q_proj``), never ``lm_q_proj``,
 * any other string: a glob (``fnmatch``, ``*`` crosses dots) on :attr:`LinearSite.name`,
   e.g. ``"*.q_proj"``, ``"encoder.layer.*.attention.*"``,
 * a compiled regex (``re.compile(...)``), matched with ``fullmatch`` on the name,
 * a callable ``LinearSite -> bool``,
 * a list or tuple of these (a site is chosen when any of them chooses it).
 
-There is exactly one meaning per type: a string is never a regex and a list is never a
-list of suffixes.
+There is exactly one meaning per form: a string is never a regex (pass ``re.compile``),
+and a list means "any of these", each item read by its own form.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ PRESETS: dict[str, Predicate] = {
 }
 
 
+#: a bare name: no dots, no glob characters
+_BARE = re.compile(r"[^.*?\[\]]+")
+
+
 class PatternError(ValueError):
     """A pattern that is malformed or that selects nothing."""
 
@@ -51,6 +58,8 @@ def compile_pattern(pattern: Pattern) -> Predicate:
     if isinstance(pattern, str):
         if pattern in PRESETS:
             return PRESETS[pattern]
+        if _BARE.fullmatch(pattern):  # a module's own name, at any depth (PEFT's target_modules)
+            return lambda site: site.name == pattern or site.name.endswith("." + pattern)
         glob = pattern
         return lambda site: fnmatch.fnmatchcase(site.name, glob)
     if isinstance(pattern, re.Pattern):
