@@ -65,7 +65,7 @@ def test_both_pretrainings_ran_every_method_with_finite_numbers(report):
         pre = v["pretrain"]
         assert finite(pre["source_test_metric"]) and 0.0 <= pre["source_test_metric"] <= 1.0, (where, pre)
         assert pre["learned_source"] == (pre["source_test_metric"] >= LEARNED), (where, pre)
-        said = [line for line in log.splitlines() if f"{pre['label']}: source test" in line]
+        said = [line for line in log.splitlines() if f"[{where.split('/')[0]}] {pre['label']}: source test" in line]
         assert said and ("WARNING: the source task was not learned" in said[-1]) == (not pre["learned_source"]), (where, said)
         for key, m in v["methods"].items():
             for field in ("test_mean", "test_std", "val_mean", "seconds_mean", "best_lr"):
