@@ -145,3 +145,40 @@ def folded(model: nn.Module, gm: nn.Module, expected: set[str]) -> nn.Module:
                 delta = b.unsqueeze(-1) if s.layout is ol.Layout.OUT_IN else b.unsqueeze(-2)
                 w.copy_((w.double() + delta).to(w.dtype))
     return ref.eval()
+
+
+#: aten ops that only move, view, make or check values: left out when two graphs are
+#: compared op for op (a capture may drop an unused ``arange`` or add a ``contiguous``)
+_BOOKKEEPING = ("sym_", "contiguous", "arange", "slice", "unsqueeze", "view", "expand", "clone", "_assert", "alias",
+                "lift_fresh", "detach", "select", "squeeze", "reshape", "permute", "transpose", "t.default", "_to_copy",
+                "to.", "dropout", "full", "zeros", "ones", "empty", "scalar_tensor")
+
+
+def compute_ops(graph: torch.fx.Graph) -> list[str]:
+    """The aten ops of ``graph`` that compute (matrix products, norms, activations,
+    arithmetic, reductions), in order."""
+    return [str(n.target) for n in graph.nodes if n.op == "call_function" and str(n.target).startswith("aten.")
+            and not any(str(n.target)[len("aten."):].startswith(b) for b in _BOOKKEEPING)]
+
+
+def exported_base_ops(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> list[str]:
+    """:func:`compute_ops` of ``torch.export`` of the un-adapted model itself (every
+    input dimension dynamic, dead code dropped): what a merged graph must compute, op for
+    op, taken from torch, not from onelora_fx's capture."""
+    from torch.export import Dim
+
+    kwargs = dict(kwargs or {})
+
+    def spec(v):
+        return {i: Dim.AUTO for i in range(v.dim())} if isinstance(v, torch.Tensor) else None
+
+    # every dimension dynamic, as onelora_fx captures (positional or keyword examples)
+    dynamic = {k: spec(v) for k, v in kwargs.items()} if not args else tuple(spec(a) for a in args) if not kwargs else None
+    was = model.training
+    model.eval()
+    try:
+        program = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic, strict=False).module()
+    finally:
+        model.train(was)
+    program.graph.eliminate_dead_code()
+    return compute_ops(program.graph)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import onelora_fx as ol
 from handwritten import MODULES, example
 from onelora_fx.tools import zoo
-from reference import base_capture, first_tensor, randomize_adapters, tolerance
+from reference import base_capture, compute_ops, exported_base_ops, first_tensor, randomize_adapters, tolerance
 from toolkit import assert_same_state, model_state
 
 needs_transformers = pytest.mark.skipif(
@@ -36,11 +36,12 @@ def family(request):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base_nodes = len(base_capture(model, args, kwargs).graph.nodes)
+        base_ops = exported_base_ops(model, args, kwargs)
         gm = ol.transform(model, "all-linear", example_inputs=args, example_kwargs=kwargs)
     randomize_adapters(gm, seed=5)
     gm.eval()
     model.eval()
-    return name, model, gm, args, kwargs, base_nodes
+    return name, model, gm, args, kwargs, (base_nodes, base_ops)
 
 
 def fresh_instance(model):
@@ -57,7 +58,7 @@ def out(m, args, kwargs):
 
 
 def test_merged_equals_adapted_and_is_the_base_graph(family):
-    name, model, gm, args, kwargs, base_nodes = family
+    name, model, gm, args, kwargs, (base_nodes, base_ops) = family
     before = {k: v.clone() for k, v in model.state_dict().items()}
     adapted_before = {k: v.clone() for k, v in gm.state_dict().items()}
     merged = ol.merge(gm)
@@ -65,6 +66,8 @@ def test_merged_equals_adapted_and_is_the_base_graph(family):
     close(out(merged, args, kwargs), out(gm, args, kwargs))
     assert not any(n.op == "call_function" and "onelora" in str(n.target) for n in merged.graph.nodes)
     assert len(merged.graph.nodes) == base_nodes
+    # op for op what torch.export makes of the model itself: no adapter op, no extra product
+    assert compute_ops(merged.graph) == base_ops and any("linear" in op or "mm" in op for op in base_ops)
     # inplace=False changes neither the model nor the adapted module
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
