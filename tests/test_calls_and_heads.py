@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import onelora_fx as ol
-from reference import first_tensor, linear_layers, listing1_copy, randomize_adapters, tolerance
+from reference import first_tensor, folded, linear_layers, listing1_copy, randomize_adapters, tolerance
 
 transformers = pytest.importorskip("transformers")
 
@@ -77,15 +77,14 @@ def test_torch_nn_transformer_layers_are_traced_through():
     layer = "0.layers.{}.{}"
     assert adapted == {layer.format(i, p) for i in range(2) for p in ("self_attn.in_proj_weight", "self_attn.out_proj", "linear1", "linear2")}
     randomize_adapters(gm, 1)
-    merged = ol.merge(gm)
-    expected = merged(x)  # b folded into the weights of a plain torch.nn model
-    fresh = torch.nn.Sequential(
-        torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0), 2),
-        torch.nn.Linear(32, 10),
-    ).eval()
-    fresh.load_state_dict(merged.state_dict())
+    # the reference: W + b 1ᵀ folded by hand into the plain torch.nn model (its own fused
+    # eval kernel then runs on the folded weights)
+    weights = {f"0.layers.{i}.{p}" for i in range(2)
+               for p in ("self_attn.in_proj_weight", "self_attn.out_proj.weight", "linear1.weight", "linear2.weight")}
+    expected = folded(model, gm, weights)(x)
     tol = tolerance(torch.float32)
-    torch.testing.assert_close(gm.eval()(x), fresh(x), rtol=tol["rtol"], atol=tol["atol"])
+    torch.testing.assert_close(gm.eval()(x), expected, rtol=tol["rtol"], atol=tol["atol"])
+    torch.testing.assert_close(ol.merge(gm)(x), expected, rtol=tol["rtol"], atol=tol["atol"])
     assert not torch.allclose(expected, model(x), atol=1e-3)
 
 

@@ -317,19 +317,35 @@ def qwen3_moe():
 
 def test_qwen3_moe_graph_form_under_autocast_and_after_moves(qwen3_moe, tmp_path):
     """A call under autocast, a move to bfloat16 and meta -> to_empty -> load each get a
-    graph captured for them (never one captured for another dtype or device); the module
-    form is the reference."""
+    graph captured for them (never one captured for another dtype or device). Under
+    autocast the reference is the model with W + b 1ᵀ folded in by hand (float32 truth,
+    within the folded model's own bfloat16 error); moved to bfloat16, the two forms agree."""
     torch.manual_seed(0)
     model = transformers.Qwen3MoeForCausalLM(qwen3_moe).eval()
     graph = quiet_transform(model, "all", example_kwargs={"input_ids": IDS})
     module = quiet_transform(model, "all", example_kwargs={"input_ids": IDS}, capture="module")
     randomize_adapters(graph, 3)
     ol.load_adapter(module, ol.save_adapter(graph, tmp_path / "a.safetensors"))
+    # the float32 truth: W + b 1ᵀ folded by hand. bfloat16 may flip an expert choice, so
+    # each bfloat16 run is held to the error the folded model itself makes in bfloat16
+    reference = folded(model, graph, matrix_weights(model))
+    truth = reference(input_ids=IDS).logits
+
+    def within_budget(got, reference_low, what):
+        budget = 2 * (reference_low.float() - truth).abs().max().item() + 1e-2
+        error = (got.float() - truth).abs().max().item()
+        assert error <= budget, f"{what}: {error:.3g} from the float32 truth, budget {budget:.3g}"
+
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert_close(graph(input_ids=IDS).logits, module(input_ids=IDS).logits, torch.bfloat16, "autocast")
+        out = graph(input_ids=IDS).logits
+        within_budget(out, reference(input_ids=IDS).logits, "autocast")
+        assert_close(module(input_ids=IDS).logits, out, torch.bfloat16, "autocast, module form")
+    # moved to bfloat16 the router itself runs in bfloat16 and picks experts by rounded
+    # scores, which a folded model rounds differently: the two forms must agree
     graph.to(torch.bfloat16)
     module.to(torch.bfloat16)
-    assert_close(graph(input_ids=IDS).logits.float(), module(input_ids=IDS).logits.float(), torch.bfloat16, "bf16")
+    out = graph(input_ids=IDS).logits
+    assert_close(module(input_ids=IDS).logits.float(), out.float(), torch.bfloat16, "bf16, module form")
     checkpoint = {k: v.clone() for k, v in model.state_dict().items()}  # (save_pretrained splits the experts)
     with torch.device("meta"):
         big = transformers.Qwen3MoeForCausalLM(qwen3_moe)
