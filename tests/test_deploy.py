@@ -14,19 +14,13 @@ import onelora_fx as ol
 from handwritten import MODULES, example
 from onelora_fx.tools import zoo
 from reference import base_capture, compute_ops, exported_base_ops, first_tensor, folded, matrix_weights, randomize_adapters, tolerance
-from toolkit import assert_same_state, model_state
+from toolkit import assert_close, assert_same_state, model_state
 
 needs_transformers = pytest.mark.skipif(
     __import__("importlib").util.find_spec("transformers") is None, reason="needs transformers (pip install -e '.[models]')"
 )
 
 FAMILIES = ["llama-tiny", "gpt2-tiny", "bert-tiny", "vit-tiny", "depth-anything-tiny", "dit-tiny"]
-
-
-def close(actual, expected, dtype=torch.float32):
-    tol = tolerance(dtype)
-    scale = max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(actual, expected, rtol=0, atol=tol["atol"] * scale)
 
 
 @pytest.fixture(scope="module", params=[pytest.param(f, marks=needs_transformers) for f in FAMILIES])
@@ -63,7 +57,7 @@ def test_merged_equals_adapted_and_is_the_base_graph(family):
     adapted_before = {k: v.clone() for k, v in gm.state_dict().items()}
     merged = ol.merge(gm)
     merged.eval()
-    close(out(merged, args, kwargs), out(gm, args, kwargs))
+    assert_close(out(merged, args, kwargs), out(gm, args, kwargs), torch.float32)
     assert not any(n.op == "call_function" and "onelora" in str(n.target) for n in merged.graph.nodes)
     assert len(merged.graph.nodes) == base_nodes
     # op for op what torch.export makes of the model itself: no adapter op, no extra product
@@ -77,7 +71,7 @@ def test_merged_equals_adapted_and_is_the_base_graph(family):
     fresh = fresh_instance(model)
     fresh.load_state_dict(merged.state_dict(), strict=True)
     fresh.eval()
-    close(out(fresh, args, kwargs), out(gm, args, kwargs))
+    assert_close(out(fresh, args, kwargs), out(gm, args, kwargs), torch.float32)
 
 
 def test_export_round_trip_at_other_shapes(family, tmp_path):
@@ -96,7 +90,7 @@ def test_export_round_trip_at_other_shapes(family, tmp_path):
                 inputs[k] = torch.cat([v] * 2)[:batch] if v.dim() == 1 else torch.randn(batch, *v.shape[1:])
             else:
                 inputs[k] = v
-        close(out(loaded, args, inputs), out(gm, args, inputs))  # the program computes what the adapted module does
+        assert_close(out(loaded, args, inputs), out(gm, args, inputs), torch.float32)  # the program computes what the adapted module does
 
 
 @settings(max_examples=20, deadline=None)
@@ -114,7 +108,7 @@ def test_merge_handwritten(name, dtype, seed):
     merged = ol.merge(gm)
     assert len(merged.graph.nodes) == len(base_capture(model).graph.nodes)
     if dtype == torch.float32:
-        close(merged(x), gm(x))
+        assert_close(merged(x), gm(x), torch.float32)
     else:  # W + b 1ᵀ rounded to bfloat16 once: no worse than the adapted module's own
         # bfloat16 error against float32 (a tolerance on merged vs adapted alone would
         # compare two bfloat16 roundings, which differ by more than one ulp after a few layers)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import onelora_fx as ol
 from reference import randomize_adapters, tolerance
+from toolkit import assert_close
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -31,10 +32,6 @@ def adapted(name, train=()):
     return model, gm, kwargs
 
 
-def close(a, b):
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * max(1.0, b.abs().max().item()))
-
-
 @pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
 def test_peft_loads_what_save_peft_writes(name, tmp_path):
     model, gm, kwargs = adapted(name)
@@ -44,7 +41,7 @@ def test_peft_loads_what_save_peft_writes(name, tmp_path):
     assert config["peft_type"] == "LORA" and config["r"] == 1 and config["lora_alpha"] == 1
     assert config["fan_in_fan_out"] == (name == "gpt2-tiny")  # Conv1D stores [in, out]
     peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path)).eval()
-    close(peft_model(**kwargs).logits, expected)
+    assert_close(peft_model(**kwargs).logits, expected, torch.float32)
     assert not torch.allclose(model(**kwargs).logits, expected, atol=1e-3), "the adapter must matter"
     fresh = adapted(name)[1]
     ol.load_peft(fresh, tmp_path)
@@ -65,7 +62,7 @@ def test_trained_biases_travel_as_peft_bias_all(tmp_path):
     ol.save_peft(gm, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["bias"] == "all"
     peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path)).eval()
-    close(peft_model(**kwargs).logits, expected)
+    assert_close(peft_model(**kwargs).logits, expected, torch.float32)
     fresh = adapted("gpt2-tiny", train=("bias",))[1]
     ol.load_peft(fresh, tmp_path)
     for k, v in ol.adapter_parameters(fresh).items():
@@ -80,7 +77,7 @@ def test_trained_norms_travel_as_peft_modules_to_save(tmp_path):
     ol.save_peft(gm, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"][0] == "model.layers.0.input_layernorm"
     peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path)).eval()
-    close(peft_model(**kwargs).logits, expected)
+    assert_close(peft_model(**kwargs).logits, expected, torch.float32)
 
 
 def test_sites_peft_cannot_express_are_an_error_or_a_warning(tmp_path):
@@ -123,7 +120,7 @@ def test_a_trained_miss_r1_adapter_loads_and_reproduces_peft(tmp_path):
         warnings.simplefilter("ignore")
         gm = ol.transform(model, [f"*.{t}" for t in targets], example_kwargs=kwargs).eval()
     ol.load_peft(gm, tmp_path)
-    close(gm(**kwargs).logits, expected)
+    assert_close(gm(**kwargs).logits, expected, torch.float32)
 
 
 def test_a_rank_2_lora_is_refused_and_nothing_changes(tmp_path):

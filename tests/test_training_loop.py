@@ -14,11 +14,11 @@ import torch.nn.functional as F
 import onelora_fx as ol
 from handwritten import MLP
 from reference import DEVICES, first_tensor, linear_layers, listing1_copy, randomize_adapters, tolerance
+from toolkit import assert_close
 
 transformers = pytest.importorskip("transformers")
 from onelora_fx.tools import zoo  # noqa: E402
 
-BF16 = tolerance(torch.bfloat16)
 
 
 def build(name: str, device: str):
@@ -38,11 +38,6 @@ def autocast(device: str):
     return torch.autocast(device, dtype=torch.bfloat16)
 
 
-def close_bf16(actual, expected):
-    scale = max(1.0, expected.float().abs().max().item())
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=BF16["rtol"], atol=BF16["atol"] * scale)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["llama-tiny", "vit-tiny"])
 @pytest.mark.parametrize("capture", ["auto", "module"])
@@ -55,7 +50,7 @@ def test_autocast_matches_the_base_model_under_autocast_and_trains(device, name,
     with autocast(device):
         out, expected = first_tensor(gm(**kwargs)), first_tensor(reference(**kwargs))
     assert out.dtype == expected.dtype == torch.bfloat16
-    close_bf16(out, expected)
+    assert_close(out, expected, torch.bfloat16)
     vectors = ol.adapter_parameters(gm)
     opt = torch.optim.AdamW(vectors.values(), lr=1e-2)
     gm.train()
@@ -83,7 +78,7 @@ def test_autocast_through_the_compile_backend(device, name):
     with autocast(device):
         out, expected = first_tensor(compiled(**kwargs)), first_tensor(reference(**kwargs))
     assert out.dtype == torch.bfloat16
-    close_bf16(out, expected)
+    assert_close(out, expected, torch.bfloat16)
     vectors = ol.adapter_parameters(gm)
     opt = torch.optim.AdamW(vectors.values(), lr=1e-2)
     losses = []
@@ -109,7 +104,7 @@ def test_autocast_on_the_op_casts_like_f_linear():
         base = F.linear(x, w, bias)
     assert y.dtype == base.dtype == torch.bfloat16
     expected = base.float() + (b.detach().bfloat16() * x.bfloat16().sum(-1, keepdim=True)).float()
-    close_bf16(y, expected)
+    assert_close(y, expected, torch.bfloat16)
     y.float().sum().backward()
     assert b.grad.dtype == torch.float32
 
@@ -135,13 +130,13 @@ def test_dtype_moves_compute_what_the_moved_model_computes(capture):
     truth = listing1_copy(copy.deepcopy(pristine).to(torch.bfloat16).double(), {k: v.bfloat16().double() for k, v in bs.items()},
                          linear_layers(pristine))
     exact = first_tensor(truth.eval()(**{k: v.double() if v.is_floating_point() else v for k, v in kwargs.items()}))
-    close_bf16(out, exact)
-    close_bf16(first_tensor(reference(**kwargs)), exact)
+    assert_close(out, exact, torch.bfloat16)
+    assert_close(first_tensor(reference(**kwargs)), exact, torch.bfloat16)
     merged = ol.merge(gm)
     assert all(p.dtype == torch.bfloat16 for p in merged.parameters())
     ep = ol.export(gm, example_kwargs=kwargs)
     assert {v.dtype for v in ep.state_dict.values() if v.is_floating_point()} == {torch.bfloat16}
-    close_bf16(first_tensor(ep.module()(**kwargs)), exact)
+    assert_close(first_tensor(ep.module()(**kwargs)), exact, torch.bfloat16)
     gm.float()
     kwargs = {k: v.float() if v.is_floating_point() else v for k, v in kwargs.items()}
     tol = tolerance(torch.float32)

@@ -47,8 +47,11 @@ def tiny_llama(seed: int = 0, **overrides: Any) -> nn.Module:
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: Optional[torch.dtype] = None, msg: str = "") -> None:
     """``actual`` equals ``expected`` within the tolerance of ``dtype`` (default:
-    ``expected``'s), the absolute part scaled by ``max(1, |expected|.max())``."""
+    ``expected``'s), the absolute part scaled by ``max(1, |expected|.max())``. Float16 /
+    bfloat16 values are compared in float32 (the tolerance stays the low dtype's)."""
     tol = tolerance(dtype or expected.dtype)
+    if {actual.dtype, expected.dtype} & {torch.float16, torch.bfloat16}:
+        actual, expected = actual.float(), expected.float()
     scale = max(1.0, expected.detach().abs().max().item()) if expected.numel() else 1.0
     torch.testing.assert_close(actual, expected, rtol=tol["rtol"], atol=tol["atol"] * scale,
                                msg=(lambda m: f"{msg}: {m}") if msg else None)
