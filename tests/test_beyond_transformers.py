@@ -274,3 +274,32 @@ def test_a_linear_with_a_computed_bias_is_a_site(capture):
     reference = folded(model, gm, {"qkv.weight", "proj.weight"})
     assert_close(gm(x), reference(x), torch.float32, capture)
     assert_close(ol.merge(gm)(x), reference(x), torch.float32, "merged")
+
+
+class SequenceFirst(nn.Module):
+    """A linear over rows flattened sequence-first: ``x.transpose(0, 1).reshape(S * B, E)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        b, s, e = x.shape
+        h = self.fc(x.transpose(0, 1).reshape(s * b, e))
+        return self.out(h.reshape(s, b, e).transpose(0, 1))
+
+
+def test_a_stack_refuses_rows_flattened_sequence_first():
+    """Each batch item's rows are spread over the flattened input: a stack cannot give
+    them their adapter, so it refuses (it used to read them as batch-major: wrong rows)."""
+    torch.manual_seed(0)
+    model = SequenceFirst()
+    x = torch.randn(3, 4, 8)
+    adapters = []
+    for seed in range(2):
+        gm = quiet_transform(model, "all", example_inputs=(x,), capture="export")
+        randomize_adapters(gm, seed + 1)
+        adapters.append(gm)
+    with pytest.raises(ValueError, match="not laid out with the batch first.*cannot tell which adapter"):
+        ol.stack(adapters[0], adapters)

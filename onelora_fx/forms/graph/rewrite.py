@@ -30,6 +30,7 @@ import torch
 from torch import fx, nn
 
 from ... import ops
+from ...analysis.linear_ops import op_name
 from ...analysis.sites import find_sites, group_by_weight
 from ...records import LinearSite, resolve_attr
 from ...state import AlreadyAdaptedError
@@ -187,6 +188,12 @@ def _same(a: Any, b: Any) -> bool:
     return str(a) == str(b)
 
 
+#: ops that move a tensor's leading dimension or reorder its rows: a flattened input
+#: behind one of them does not hold each batch item's rows together
+_REORDERS = {"transpose", "permute", "t", "movedim", "swapaxes", "swapdims", "numpy_T", "flip", "roll",
+             "index", "index_select", "gather", "take_along_dim"}
+
+
 def _rows(x: fx.Node, batch: Any) -> str:
     """How ``x``'s rows meet the batch, read from the shapes export recorded."""
     val = x.meta.get("val")
@@ -196,6 +203,8 @@ def _rows(x: fx.Node, batch: Any) -> str:
         return ops.LEADING
     source = x
     while val.dim() == 2 and source.op == "call_function" and source.args:  # through reshapes to [batch, ...]
+        if op_name(source.op, source.target) in _REORDERS:
+            break  # rows moved across the batch (x.transpose(0, 1).reshape(S * B, E)): no item is contiguous
         source = source.args[0]
         if not isinstance(source, fx.Node):
             break
