@@ -23,10 +23,10 @@ from .compat import is_dtensor
 from .forms import Captured, Form, GraphForm, ModuleForm
 from .forms.base import refuse_adapter_ids
 from .forms.module.form import has_quantized
-from .quant import is_quantized_layer
+from .quant import is_quantized_layer, is_quantized_weight
 from .forms.materialize import install as install_load_hook
 from .analysis.norms import NEAR_UNIFORM_CV
-from .analysis.patterns import Pattern, compile_pattern, describe, select
+from .analysis.patterns import Pattern, PatternError, compile_pattern, describe, select
 from .query import adapted_sites, is_adapted
 from .records import LinearSite, join
 from .state import AdapterState, AlreadyAdaptedError, Capture, Extra, get_state, set_state
@@ -274,7 +274,17 @@ def transform(
     if captured.mode_note is not None:
         warnings.warn(mode_warning(model, captured.mode_note), stacklevel=2)
     warn_unadapted(model, captured.accounting.unadapted(), stacklevel=2)
-    chosen = select(found, pattern, exclude)
+    try:
+        chosen = select(found, pattern, exclude)
+    except PatternError as e:
+        quantized = [n for n, p in model.named_parameters() if is_quantized_weight(p)]
+        if quantized and captured.method is not Capture.MODULE:
+            # a captured graph decomposes a quantized linear into integer ops: no site there
+            raise PatternError(
+                f"{e}\n{len(quantized)} quantized weights ({', '.join(quantized[:3])}{', ...' if len(quantized) > 3 else ''}) "
+                f"are no sites in a captured graph (capture={captured.method.value!r}): use capture='module' "
+                "(or 'auto', which picks it for quantized models)") from None
+        raise
     if Extra.NORM not in extras:  # trained norms stop being uniform
         _warn_uniform_norms(chosen)
     extra_names = _extra_names(root, model, chosen, extras)

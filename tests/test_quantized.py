@@ -269,3 +269,12 @@ def test_a_graph_capture_of_bitsandbytes_layers_is_refused_before_it_runs_them()
         with pytest.raises(ol.CaptureError, match="bitsandbytes quantized layers .*Use capture='module'"):
             ol.transform(model, capture=capture, example_kwargs={"input_ids": IDS})
     assert_same_state(before, model_state(model))
+
+
+def test_a_graph_capture_of_torchao_weights_names_them_and_the_way_out():
+    """torch.export decomposes torchao's quantized linears into integer ops: no site is
+    left, and the error names the quantized weights and says to use the module form."""
+    pytest.importorskip("torchao")
+    model = int8(tiny_llama())
+    with pytest.raises(ol.PatternError, match=r"14 quantized weights \(model\.layers\.0\..*capture='module'"):
+        quiet_transform(model, "all-linear", capture="export", example_kwargs={"input_ids": IDS})
