@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import onelora_fx as ol
 from handwritten import MLP
 from onelora_fx.tools import zoo
 from reference import ILoRA, randomize_adapters, tolerance
+from toolkit import quiet_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,9 +98,7 @@ def test_the_custom_op_of_an_exported_adapted_module_is_lowered():
 
 def test_llama_full_graph_dynamic_lengths_no_recompile():
     model, _, kwargs = zoo.build("llama-tiny")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gm = ol.transform(model, "all-linear", example_kwargs=kwargs)
+    gm = quiet_transform(model, "all-linear", example_kwargs=kwargs)
     randomize_adapters(gm, 2)
     gm.train()
     ids = kwargs["input_ids"]

@@ -5,8 +5,6 @@ with nothing changed; never a silent skip."""
 
 from __future__ import annotations
 
-import warnings
-
 import copy
 import logging
 

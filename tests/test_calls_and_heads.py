@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import onelora_fx as ol
 from reference import first_tensor, folded, linear_layers, listing1_copy, randomize_adapters, tolerance
+from toolkit import quiet_transform
 
 transformers = pytest.importorskip("transformers")
 
@@ -70,9 +71,7 @@ def test_torch_nn_transformer_layers_are_traced_through():
         torch.nn.Linear(32, 10),
     ).eval()
     x = torch.randn(2, 5, 32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gm = ol.transform(model, "all-linear", example_inputs=(x,))
+    gm = quiet_transform(model, "all-linear", example_inputs=(x,))
     adapted = {s.name for s in ol.sites(gm) if s.adapted}
     layer = "0.layers.{}.{}"
     assert adapted == {layer.format(i, p) for i in range(2) for p in ("self_attn.in_proj_weight", "self_attn.out_proj", "linear1", "linear2")}
@@ -93,9 +92,7 @@ def test_a_tied_head_merged_in_place_is_untied_in_the_model(tmp_path):
     model, kwargs = bart()
     model.eval()
     assert model.lm_head.weight is model.model.shared.weight
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gm = ol.transform(model, "all", example_kwargs=kwargs)
+    gm = quiet_transform(model, "all", example_kwargs=kwargs)
     randomize_adapters(gm, 2)
     expected = first_tensor(gm.eval()(**kwargs)).detach()
     with pytest.warns(UserWarning, match=r"lm_head.weight was tied.*tie_word_embeddings is now False"):
@@ -113,9 +110,7 @@ def adapted_llama(example: dict):
     torch.manual_seed(0)
     model, _, _ = zoo.llama()
     model.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gm = ol.transform(model, "all-linear", example_kwargs=example)
+    gm = quiet_transform(model, "all-linear", example_kwargs=example)
     return model, gm.eval()
 
 

@@ -14,7 +14,7 @@ import onelora_fx as ol
 from handwritten import MODULES, example
 from onelora_fx.tools import zoo
 from reference import base_capture, compute_ops, exported_base_ops, first_tensor, folded, matrix_weights, randomize_adapters, tolerance
-from toolkit import assert_close, assert_same_state, model_state
+from toolkit import assert_close, assert_same_state, model_state, quiet_transform
 
 needs_transformers = pytest.mark.skipif(
     __import__("importlib").util.find_spec("transformers") is None, reason="needs transformers (pip install -e '.[models]')"
@@ -259,9 +259,7 @@ def test_bfloat16_merge_rounds_once(name):
     model.eval()
     model16 = copy.deepcopy(model).to(torch.bfloat16)
     kwargs16 = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in kwargs.items()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gm16 = ol.transform(model16, "all-linear", example_inputs=args, example_kwargs=kwargs16)
+    gm16 = quiet_transform(model16, "all-linear", example_inputs=args, example_kwargs=kwargs16)
     randomize_adapters(gm16, seed=7)
     merged16 = ol.merge(gm16).eval()
     for s in ol.sites(gm16):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import onelora_fx as ol
-from toolkit import IDS, tiny_llama
+from toolkit import IDS, quiet_transform, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -43,9 +43,7 @@ def test_trainer_on_the_graph_form_equals_the_module_form(tmp_path):
     model = tiny_llama()
     results = {}
     for capture in ("auto", "module"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            gm = ol.transform(model, "all-linear", capture=capture, example_kwargs={"input_ids": IDS})
+        gm = quiet_transform(model, "all-linear", capture=capture, example_kwargs={"input_ids": IDS})
         losses = train(gm, tmp_path / capture)
         results[capture] = (losses, {n: p.detach().clone() for n, p in ol.adapter_parameters(gm).items()})
     (graph_losses, graph_b), (module_losses, module_b) = results["auto"], results["module"]
@@ -59,9 +57,7 @@ def test_trainer_on_the_graph_form_equals_the_module_form(tmp_path):
 
 def test_the_graph_form_answers_for_the_models_attributes_and_refuses_its_methods():
     model = tiny_llama()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gm = ol.transform(model, example_kwargs={"input_ids": IDS})
+    gm = quiet_transform(model, example_kwargs={"input_ids": IDS})
     assert gm.config is model.config and gm.loss_type == model.loss_type and gm.main_input_name == "input_ids"
     assert gm.generation_config is model.generation_config
     for method in ("generate", "save_pretrained", "gradient_checkpointing_enable"):
@@ -88,9 +84,7 @@ def test_a_decoder_classifier_s_score_layer_is_the_head_and_trains_in_full(name)
     so ``score`` is the head: "all-linear" leaves it out and ``train=("head",)`` trains it."""
     model = _classifier(name).eval()
     ids = torch.randint(1, 64, (2, 8), generator=torch.Generator().manual_seed(0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gm = ol.transform(model, "all-linear", example_kwargs={"input_ids": ids}, train=("head",))
+    gm = quiet_transform(model, "all-linear", example_kwargs={"input_ids": ids}, train=("head",))
     heads = {s.name for s in ol.sites(gm) if s.is_head}
     assert heads == {"score"}, heads
     assert not any(s.adapted for s in ol.sites(gm) if s.name == "score")

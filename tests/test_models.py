@@ -4,7 +4,6 @@ changes, train/eval follow the model) on tiny random-init configs of real model 
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch
 import onelora_fx as ol
 from onelora_fx.tools import zoo
 from reference import first_tensor, linear_layers, listing1_copy, randomize_adapters, tolerance
+from toolkit import quiet_transform
 
 pytest.importorskip("transformers")
 
@@ -37,9 +37,7 @@ def adapted(request):
     name = request.param
     model, args, kwargs = zoo.build(name)
     pristine = copy.deepcopy(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # DiT's label dropout warning is tested elsewhere
-        gm = ol.transform(model, "all-linear", example_inputs=args, example_kwargs=kwargs)
+    gm = quiet_transform(model, "all-linear", example_inputs=args, example_kwargs=kwargs)
     return name, model, pristine, gm, args, kwargs
 
 

@@ -12,6 +12,7 @@ import torch
 import onelora_fx as ol
 from handwritten import MODULES, example
 from reference import linear_layers, listing1_copy, randomize_adapters, tolerance
+from toolkit import quiet_transform
 
 transformers = pytest.importorskip("transformers")
 
@@ -94,9 +95,7 @@ def test_module_form_of_every_linear_form_matches_listing1(name):
 
 def test_checkpoints_and_activation_checkpointing(tmp_path):
     model = llama()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gm = ol.transform(model, capture="module", example_kwargs={"input_ids": IDS})
+    gm = quiet_transform(model, capture="module", example_kwargs={"input_ids": IDS})
     randomize_adapters(gm, 6)
     gm.train()
     gm.activation_checkpointing_enable()  # transformers 5 name of gradient_checkpointing_enable
@@ -131,9 +130,7 @@ def test_hugging_face_trainer_runs_on_both_forms(capture, tmp_path):
             return {"input_ids": ids, "attention_mask": mask, "labels": ids}
 
     model = llama(use_cache=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gm = ol.transform(model, capture=capture, example_kwargs={"input_ids": IDS})
+    gm = quiet_transform(model, capture=capture, example_kwargs={"input_ids": IDS})
     before = {n: p.clone() for n, p in ol.adapter_parameters(gm).items()}
     args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3,
                                           learning_rate=1e-2, report_to=[], save_strategy="no", logging_steps=1,
@@ -161,8 +158,6 @@ def test_a_fused_kernel_on_an_adapted_weight_is_an_error_not_a_skip():
     x = torch.randn(2, 5, 16)
     with pytest.raises(ol.SiteError, match=r"self_attn\.in_proj_weight.*multi_head_attention_forward.*capture='export'"):
         ol.transform(model, "all", capture="module", example_inputs=(x,))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        graph = ol.transform(model, "all", capture="export", example_inputs=(x,))
+    graph = quiet_transform(model, "all", capture="export", example_inputs=(x,))
     randomize_adapters(graph, 1)
     assert not torch.allclose(graph(x), model(x), atol=1e-4)

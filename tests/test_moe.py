@@ -19,6 +19,7 @@ from torch import nn
 
 import onelora_fx as ol
 from reference import randomize_adapters, tolerance
+from toolkit import quiet_transform
 
 transformers = pytest.importorskip("transformers")
 
@@ -196,8 +197,6 @@ def test_training_moves_expert_vectors_then_merge_export_and_files_agree(moe, tm
         merged.set_experts_implementation("eager")
 
     file = ol.save_adapter(gm, tmp_path / "moe.safetensors")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fresh = ol.transform(model, "all-linear", example_kwargs={"input_ids": ids})
+    fresh = quiet_transform(model, "all-linear", example_kwargs={"input_ids": ids})
     ol.load_adapter(fresh, file)
     assert torch.equal(fresh.eval()(input_ids=ids).logits, adapted)

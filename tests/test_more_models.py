@@ -5,7 +5,6 @@ weights by the test itself; a site left out must be said, never silent."""
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 
 import onelora_fx as ol
 from reference import randomize_adapters, tolerance
-from toolkit import assert_close
+from toolkit import assert_close, quiet_transform
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -25,9 +24,7 @@ TOL = tolerance(torch.float32)
 def adapted(name, train=()):
     model, _, kwargs = zoo.build(name)
     model.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gm = ol.transform(model, "all-linear", example_kwargs=kwargs, train=train).eval()
+    gm = quiet_transform(model, "all-linear", example_kwargs=kwargs, train=train).eval()
     randomize_adapters(gm, 3, scale=0.2)
     return model, gm, kwargs
 
@@ -116,9 +113,7 @@ def test_a_trained_miss_r1_adapter_loads_and_reproduces_peft(tmp_path):
     peft_model.save_pretrained(tmp_path)
     expected = peft_model(**kwargs).logits
     assert not torch.allclose(expected, model(**kwargs).logits, atol=1e-4), "MiSS must have trained"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gm = ol.transform(model, [f"*.{t}" for t in targets], example_kwargs=kwargs).eval()
+    gm = quiet_transform(model, [f"*.{t}" for t in targets], example_kwargs=kwargs).eval()
     ol.load_peft(gm, tmp_path)
     assert_close(gm(**kwargs).logits, expected, torch.float32)
 

@@ -4,7 +4,6 @@ on (``Signature``, ``CallGraph.accepts``, ``unwrap_transpose``)."""
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from onelora_fx import ops
 from onelora_fx.analysis.linear_ops import unwrap_transpose
 from onelora_fx.forms.graph.calls import CallGraph, Signature, autocast_state
 from reference import folded, listing1_copy, randomize_adapters
-from toolkit import assert_close
+from toolkit import assert_close, quiet_transform
 
 aten = torch.ops.aten
 
@@ -41,9 +40,7 @@ def test_every_form_equals_listing1(form, d_in, d_hidden, d_out, chosen, seed):
     torch.manual_seed(seed)
     model = Net(d_in, d_hidden, d_out)
     x = torch.randn(2, 3, d_in)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gm = ol.transform(model, sorted(chosen), example_inputs=(x,), capture=form)
+    gm = quiet_transform(model, sorted(chosen), example_inputs=(x,), capture=form)
     vectors = randomize_adapters(gm, seed)
     assert set(vectors) == chosen
     assert_close(gm(x), listing1_copy(model, vectors, chosen)(x), torch.float32)

@@ -4,7 +4,6 @@ compiles as data."""
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 
 import onelora_fx as ol
 from reference import randomize_adapters, tolerance
+from toolkit import quiet_transform
 
 transformers = pytest.importorskip("transformers")
 from onelora_fx.tools import zoo  # noqa: E402
@@ -26,9 +26,7 @@ def singles(name: str, capture: str, k: int = 3):
     model.eval()
     out = []
     for seed in range(k):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            gm = ol.transform(model, "all-linear", example_kwargs=kwargs, capture=capture).eval()
+        gm = quiet_transform(model, "all-linear", example_kwargs=kwargs, capture=capture).eval()
         randomize_adapters(gm, seed + 10)
         out.append(gm)
     return model, out
@@ -135,9 +133,7 @@ def test_a_module_form_stack_generates_each_row_with_its_adapter():
     ids = torch.randint(1, 64, (3, 5), generator=torch.Generator().manual_seed(2))
     adapters = []
     for seed in range(2):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            gm = ol.transform(model, capture="module", example_kwargs={"input_ids": ids})
+        gm = quiet_transform(model, capture="module", example_kwargs={"input_ids": ids})
         randomize_adapters(gm, seed + 1, scale=0.3)
         adapters.append(gm)
     multi = ol.stack(adapters[0], adapters)

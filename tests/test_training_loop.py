@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import onelora_fx as ol
 from handwritten import MLP
 from reference import DEVICES, first_tensor, linear_layers, listing1_copy, randomize_adapters, tolerance
-from toolkit import assert_close
+from toolkit import assert_close, quiet_transform
 
 transformers = pytest.importorskip("transformers")
 from onelora_fx.tools import zoo  # noqa: E402
@@ -193,9 +193,7 @@ def test_build_on_meta_then_materialize(capture, tmp_path):
     with torch.device("meta"):
         meta_model = transformers.LlamaForCausalLM(cfg)
     ids = torch.randint(0, 64, (2, 8))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gm = ol.transform(meta_model, capture=capture, example_kwargs={"input_ids": ids.to("meta")}, train=("norm",))
+    gm = quiet_transform(meta_model, capture=capture, example_kwargs={"input_ids": ids.to("meta")}, train=("norm",))
     gm.to_empty(device="cpu")
     from safetensors.torch import load_file
 
