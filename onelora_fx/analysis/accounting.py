@@ -69,7 +69,7 @@ def _opaque(target: object) -> bool:
     """A call the capture kept whole whose code is not torch's or Python's own (an
     ``fx.wrap``-ped function of a model library, a leaf module of another library)."""
     module = getattr(target, "__module__", None) or ""
-    return not module.split(".")[0] in ("torch", "_operator", "operator", "builtins", "math", "onelora_fx")
+    return module.split(".")[0] not in ("torch", "_operator", "operator", "builtins", "math", "onelora_fx")
 
 
 def _weights(model: nn.Module) -> dict[int, list[str]]:

@@ -1,10 +1,10 @@
 """``merge``: constant-fold every ``b`` into its weight and drop the adapter.
 
 ``W_ft = W + b 1ᵀ`` (see :mod:`onelora_fx.fold`), computed in float32 (float64 for float64
-weights), checked finite, cast back to the weight's dtype. In the graph form each 1LoRA node is replaced by the
-call it replaced, so the merged graph is op for op the un-adapted capture of the model
-and its state dict is the model's; in the module form each adapted layer gets its class
-back. Both are the form's :meth:`~onelora_fx.forms.Form.merge`.
+weights), checked finite, cast back to the weight's dtype. In the graph form each 1LoRA
+node is replaced by the call it replaced, so the merged graph is op for op the un-adapted
+capture of the model and its state dict is the model's; in the module form each adapted
+layer gets its class back. Both are the form's :meth:`~onelora_fx.forms.Form.merge`.
 
 A weight that something else also uses (an ``lm_head`` tied to the input embedding) is
 given its own merged copy; the other users keep the original. With ``inplace=True`` the

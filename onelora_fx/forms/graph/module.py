@@ -27,8 +27,8 @@ and hold no device or dtype constants.
 from __future__ import annotations
 
 import inspect
-import threading
 import logging
+import threading
 from typing import Any, Callable, Optional
 
 import torch
