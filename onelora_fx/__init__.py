@@ -12,6 +12,7 @@ Example:
 import logging as _logging
 
 from .adapters.files import AdapterFileError, load_adapter, save_adapter
+from .adapters.load import load
 from .adapters.peft import load_peft, save_peft
 from .adapters.stack import stack, unstack
 from .analysis.patterns import PatternError
@@ -44,6 +45,7 @@ __all__ = [
     "ExportError",
     "save_adapter",
     "load_adapter",
+    "load",
     "stack",
     "unstack",
     "save_peft",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 
 import pytest
 import torch
@@ -301,3 +302,27 @@ def test_a_stack_refuses_rows_flattened_sequence_first():
         adapters.append(gm)
     with pytest.raises(ValueError, match="not laid out with the batch first.*cannot tell which adapter"):
         ol.stack(adapters[0], adapters)
+
+
+@pytest.mark.parametrize("how", ["file", "peft"])
+def test_load_adapts_a_base_model_from_a_saved_adapter_in_one_call(how, tmp_path):
+    """``ol.load`` reads which weights the adapter was trained on (any pattern, a callable
+    one included) and gives the adapted model back: equal to the trained one."""
+    pytest.importorskip("transformers")
+    from toolkit import IDS, tiny_llama
+
+    model = tiny_llama()
+    trained = quiet_transform(model, lambda s: s.name.endswith(("q_proj", "down_proj")), example_kwargs={"input_ids": IDS})
+    randomize_adapters(trained, 7)
+    path = ol.save_adapter(trained, tmp_path / "a.safetensors") if how == "file" else \
+        (ol.save_peft(trained, tmp_path / "peft") or tmp_path / "peft")
+    before = model_state(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = ol.load(model, path, example_kwargs={"input_ids": IDS})
+    assert {s.name for s in ol.sites(gm) if s.adapted} == {s.name for s in ol.sites(trained) if s.adapted}
+    assert_close(gm(input_ids=IDS).logits, trained(input_ids=IDS).logits, torch.float32)
+    assert_same_state(before, model_state(model))
+    other = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ol.AdapterFileError, match="no linear sites of Sequential.*an adapter of this model"):
+        ol.load(other, path)
