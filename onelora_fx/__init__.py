@@ -27,6 +27,7 @@ from .query import adapted_sites, adapter_parameters, is_adapted
 from .records import Layout, LinearSite
 from .state import AlreadyAdaptedError, Capture, Extra
 from .summary import summary
+from .switch import disabled
 from .transform import sites, transform
 
 # a library logs; the application decides what is shown (nothing, until it configures logging)
@@ -39,6 +40,7 @@ __all__ = [
     "adapter_parameters",
     "adapted_sites",
     "is_adapted",
+    "disabled",
     "merge",
     "MergeError",
     "export",

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import onelora_fx as ol
+from reference import randomize_adapters
 from toolkit import IDS, quiet_transform, tiny_llama
 
 transformers = pytest.importorskip("transformers")
@@ -123,3 +124,25 @@ def test_peft_style_bare_names_select_what_peft_selects(name):
     theirs = {n for n, m in model.named_modules()
               if n and check_target_module_exists(config, n) and (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")}
     assert ours == theirs and len(ours) >= 2, (ours, theirs)
+
+
+@pytest.mark.parametrize("capture", ["auto", "module"])
+def test_disabled_runs_the_base_model_exactly_and_restores_the_adapter(capture):
+    """``with ol.disabled(gm)``: the base model bit for bit (vectors zero, trained norms
+    at the model's values), then the adapted module exactly as before (a DPO reference)."""
+    model = tiny_llama()
+    gm = quiet_transform(model, "all-linear", capture=capture, example_kwargs={"input_ids": IDS}, train=("norm",))
+    randomize_adapters(gm, 3)
+    with torch.no_grad():
+        gm.get_parameter("model.norm.weight").mul_(1.5)
+    before = {n: p.detach().clone() for n, p in ol.adapter_parameters(gm).items()}
+    adapted = gm(input_ids=IDS).logits.detach()
+    assert not torch.allclose(adapted, model(input_ids=IDS).logits, atol=1e-3)
+    with torch.no_grad(), ol.disabled(gm):
+        assert torch.equal(gm(input_ids=IDS).logits, model(input_ids=IDS).logits)
+    for n, p in ol.adapter_parameters(gm).items():
+        assert torch.equal(p, before[n]), n
+    assert torch.equal(gm(input_ids=IDS).logits, adapted)
+    with pytest.raises(ValueError, match="adapted by onelora_fx.transform"):
+        with ol.disabled(model):
+            pass
