@@ -145,6 +145,20 @@ def test_peft_loads_the_adapter_onto_the_bitsandbytes_model(tmp_path):
     assert_close(served(input_ids=IDS).logits, gm(input_ids=IDS).logits, torch.float32, "PEFT on NF4")
 
 
+def assert_matches(gm: nn.Module, ref: nn.Module, vectors: dict) -> torch.Tensor:
+    """``gm``'s logits and every ``b`` gradient (of the mean square of the logits) equal
+    the reference's; returns ``gm``'s logits."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Linear8bitLt: "inputs will be cast from torch.float32 to float16"
+        out, expected = gm(input_ids=IDS).logits, ref(input_ids=IDS).logits
+        assert_close(out, expected, torch.float32, "output")
+        out.square().mean().backward()
+        expected.square().mean().backward()
+    for name, b in vectors.items():
+        assert_close(gm.get_parameter(name).grad, b.grad, torch.float32, f"{name} gradient")
+    return out.detach()
+
+
 @pytest.mark.parametrize("kind", ["fp4", "int8-lt"])
 def test_other_bitsandbytes_layers_match_the_hooked_model_and_merge(kind):
     """FP4 ``Linear4bit`` and ``Linear8bitLt``: the same sites, numbers and merge as NF4."""
@@ -154,17 +168,11 @@ def test_other_bitsandbytes_layers_match_the_hooked_model_and_merge(kind):
     adapted = [s for s in ol.sites(gm) if s.adapted]
     assert len(adapted) == 14 and {s.quantized for s in adapted} == {"Linear4bit" if kind == "fp4" else "Linear8bitLt"}
     randomize_adapters(gm, 7, scale=0.05)
-    ref, vectors = hooked_sites(model, gm)
+    out = assert_matches(gm, *hooked_sites(model, gm))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Linear8bitLt: "inputs will be cast from torch.float32 to float16"
-        out, expected = gm(input_ids=IDS).logits, ref(input_ids=IDS).logits
-        assert_close(out, expected, torch.float32, "output")
-        out.square().mean().backward()
-        expected.square().mean().backward()
-        for name, b in vectors.items():
-            assert_close(gm.get_parameter(name).grad, b.grad, torch.float32, f"{name} gradient")
+        warnings.simplefilter("ignore")
         merged = ol.merge(gm)
-        assert_close(merged(input_ids=IDS).logits, out.detach(), torch.float32, "merged")
+        assert_close(merged(input_ids=IDS).logits, out, torch.float32, "merged")
     assert all(type(m) is nn.Linear for n, m in merged.named_modules() if n.endswith("_proj"))
 
 
@@ -248,14 +256,9 @@ def test_the_users_quantized_model_is_untouched_and_the_adapted_one_exact(kind, 
     # the numbers in training mode, what trains b (Linear8bitLt's eval kernel also
     # quantizes the activations, which no float model reproduces)
     gm.train(), ref.train()
+    assert_matches(gm, ref, vectors)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out, expected = gm(input_ids=IDS).logits, ref(input_ids=IDS).logits
-        assert_close(out, expected, torch.float32, "output")
-        out.square().mean().backward()
-        expected.square().mean().backward()
-        for name, b in vectors.items():
-            assert_close(gm.get_parameter(name).grad, b.grad, torch.float32, f"{name} gradient")
         merged = ol.merge(gm).eval()
         assert_close(merged(input_ids=IDS).logits, ref.eval()(input_ids=IDS).logits, torch.float32, "merged")
     assert_same_state(before, model_state(model), "the user's model after training and merge")
