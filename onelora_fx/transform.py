@@ -17,7 +17,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .forms.graph.capture import CaptureError, first_line, mode_warning, why_export_failed
+from .forms.graph.capture import CaptureError, first_line, mode_note, why_export_failed
 from .analysis.accounting import Accounting, warn_unadapted
 from .compat import is_dtensor
 from .forms import Captured, Form, GraphForm, ModuleForm
@@ -272,7 +272,7 @@ def transform(
             "parameter, grouped expert matmuls); there is nothing for 1LoRA to adapt"
         )
     if captured.mode_note is not None:
-        warnings.warn(mode_warning(model, captured.mode_note), stacklevel=2)
+        log.info("%s", mode_note(model, captured.mode_note))
     warn_unadapted(model, captured.accounting.unadapted(), stacklevel=2)
     try:
         chosen = select(found, pattern, exclude)

@@ -107,7 +107,7 @@ def test_batch_norm_and_dropout_follow_the_mode(method):
     assert int(gm.get_buffer("bn.num_batches_tracked")) == 1, "eval must not count batches"
 
 
-def test_train_only_python_branch_keeps_the_eval_graph():
+def test_a_train_only_python_branch_runs_in_training_and_not_in_eval(caplog):
     class LabelDrop(nn.Module):
         def __init__(self):
             super().__init__()
@@ -119,12 +119,18 @@ def test_train_only_python_branch_keeps_the_eval_graph():
             return self.fc(x)
 
     model = LabelDrop()
-    with pytest.warns(UserWarning, match="different ops in training than in eval"):
+    with caplog.at_level("INFO", logger="onelora_fx"):
         gm = ol.transform(model, "all")
+    assert any("different ops in training than in eval" in r.getMessage() for r in caplog.records)
     x = torch.randn(3, 4)
-    model.eval()
-    gm.train()
+    model.eval(), gm.eval()
     assert torch.equal(gm(x), model(x))
+    model.train(), gm.train()
+    torch.manual_seed(0)
+    y_gm = gm(x)
+    torch.manual_seed(0)
+    assert torch.equal(y_gm, model(x)), "training runs the model's training branch"
+    assert not torch.equal(y_gm, gm.eval()(x))
 
 
 def test_dynamic_false_pins_shapes_and_captures_other_shapes_on_first_use(caplog):

@@ -123,6 +123,9 @@ class CallGraph:
     graph: Any = None  # the fx.Graph (None for the primary: it is the module's own graph)
     forward: Optional[Callable[..., Any]] = field(default=None, repr=False)
     autocast: tuple = ()  # autocast_state() when it was captured
+    #: None: the graph follows train() / eval(); True / False: it serves that mode only
+    #: (a model whose Python branches on self.training)
+    training: Optional[bool] = None
 
     @staticmethod
     def of(args: tuple, kwargs: dict, in_spec: Any, out_spec: Any, dynamic: bool, **rest: Any) -> "CallGraph":
@@ -130,10 +133,12 @@ class CallGraph:
         example = pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), (args, kwargs))
         return CallGraph(in_spec, out_spec, tuple(describe_leaf(v) for v in leaves), static_dims(leaves, dynamic), example, **rest)
 
-    def accepts(self, spec: Any, leaves: list[Leaf], autocast: tuple = ()) -> bool:
-        """Can this graph serve a call (by its structure and static dims; its shape guards
-        are checked when it runs)?"""
+    def accepts(self, spec: Any, leaves: list[Leaf], autocast: tuple = (), training: bool = False) -> bool:
+        """Can this graph serve a call (by its structure, static dims and mode; its shape
+        guards are checked when it runs)?"""
         if spec != self.in_spec or len(leaves) != len(self.leaves) or autocast != self.autocast:
+            return False
+        if self.training is not None and self.training != training:
             return False
         if any(describe_leaf(v) != d for v, d in zip(leaves, self.leaves)):
             return False

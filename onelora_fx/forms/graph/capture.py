@@ -28,7 +28,7 @@ from .regions import inline_regions
 from ...compat import export_specs, is_view, pytree, set_grad_enabled
 from ...state import Capture
 
-__all__ = ["CaptureError", "NeedsExample", "Traced", "trace", "auto_dynamic_shapes", "first_line", "SharedView", "exportable"]
+__all__ = ["CaptureError", "NeedsExample", "Traced", "trace", "auto_dynamic_shapes", "first_line", "SharedView", "exportable", "mode_note"]
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,9 @@ class Traced:
     kwargs: Optional[dict[str, Any]] = None
     in_spec: Any = None
     out_spec: Any = None
-    #: the model runs other ops in training than in eval mode, and only the eval trace
-    #: was kept: the first difference, for the one warning ``transform`` gives
+    #: the model runs other ops in training than in eval mode (Python that branches on
+    #: ``self.training``): the graph is the eval trace, and training calls need a graph
+    #: of their own (captured with ``training=True``); the first difference, for the log
     mode_note: Optional[str] = None
 
 
@@ -178,13 +179,21 @@ class _Tracer(fx.Tracer):
 
 def _trace_fx(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> Traced:
     tracer = _Tracer()
+    # symbolic_trace stores each tensor the forward creates (torch.tensor(...), a mask)
+    # on the traced model as `_tensor_constantN`: the graph module takes them, the
+    # user's model must not keep them (and a second trace would name them otherwise)
+    before = set(model.__dict__)
     try:
         graph = tracer.trace(model)
+        name = model.__class__.__name__ if isinstance(model, nn.Module) else model.__name__
+        gm = fx.GraphModule(tracer.root, graph, name)
     except Exception as e:  # the model's own code under symbolic tracing: any type (TraceError, TypeError, ...)
         raise CaptureError(f"torch.fx.symbolic_trace cannot capture {type(model).__name__}: {type(e).__name__}: {e}",
                            {"fx": e}) from e
-    name = model.__class__.__name__ if isinstance(model, nn.Module) else model.__name__
-    return Traced(fx.GraphModule(tracer.root, graph, name), Capture.FX)
+    finally:
+        for key in set(model.__dict__) - before:
+            del model.__dict__[key]
+    return Traced(gm, Capture.FX)
 
 
 class SharedView(nn.Module):
@@ -283,18 +292,22 @@ def _mode(model: nn.Module, training: bool) -> Iterator[None]:
             m.training = flag
 
 
-def _both_modes(how: Callable[..., Traced], model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> Traced:
+def _both_modes(how: Callable[..., Traced], model: nn.Module, args: tuple, kwargs: dict, dynamic: bool,
+                training_only: bool = False) -> Traced:
     """Trace in training and in eval mode, and keep one graph that is right in both.
 
     A trace bakes the mode in. When the two traces differ only in the arguments
     :mod:`modes` knows (dropout flags and probabilities, batch-norm's ``training``),
     the training trace with those arguments routed through the mode node is exact in
-    both modes. When the model branches on ``self.training`` in Python (DiT's label
-    dropout, router jitter), no single graph is: keep the eval trace, which is what
-    evaluation and deployment run, and say so.
+    both modes. When the model branches on ``self.training`` in Python (timm's stochastic
+    depth, DiT's label dropout, router jitter), no single graph is: keep the eval trace,
+    which is what evaluation and deployment run, marked with ``mode_note``; the captured
+    module runs training calls through a training trace (``training_only=True``).
     """
     with _mode(model, True):
         train = how(model, args, kwargs, dynamic)
+    if training_only:
+        return train
     with _mode(model, False):
         evaluation = how(model, args, kwargs, dynamic)
     difference = modes.first_difference(train.module.graph, evaluation.module.graph)
@@ -304,21 +317,23 @@ def _both_modes(how: Callable[..., Traced], model: nn.Module, args: tuple, kwarg
     return evaluation
 
 
-def mode_warning(model: nn.Module, difference: str) -> str:
-    """The one warning for a model whose training and eval traces differ."""
+def mode_note(model: nn.Module, difference: str) -> str:
+    """The one log line for a model whose training and eval traces differ."""
     return (
         f"{type(model).__name__} runs different ops in training than in eval mode "
         f"(Python code that branches on self.training; first difference: {difference}). "
-        "The adapted graph is the eval-mode one: exact for evaluation, merge and export, "
-        "but training runs without train-only ops (dropout, label or layer dropout)."
+        "The adapted graph is the eval-mode one (evaluation, merge, export); training calls "
+        "run a graph captured in training mode on the first of them."
     )
 
 
-def trace(model: nn.Module, args: tuple, kwargs: dict, method: Capture, dynamic: bool) -> Traced:
+def trace(model: nn.Module, args: tuple, kwargs: dict, method: Capture, dynamic: bool,
+          training_only: bool = False) -> Traced:
     """Capture one call of ``model`` with ``method`` (``AUTO``: fx, else export).
 
     ``args`` / ``kwargs`` are the canonical example (see :class:`onelora_fx.calls.Signature`);
-    fx needs none.
+    fx needs none. ``training_only``: the training-mode trace, for training calls of a
+    model whose eval graph cannot follow the mode.
 
     Raises:
         ValueError: export is needed but there is no example.
@@ -327,7 +342,7 @@ def trace(model: nn.Module, args: tuple, kwargs: dict, method: Capture, dynamic:
     reasons: dict[str, BaseException] = {}
     if method in (Capture.AUTO, Capture.FX):
         try:
-            return _both_modes(_trace_fx, model, (), {}, dynamic)
+            return _both_modes(_trace_fx, model, (), {}, dynamic, training_only)
         except CaptureError as e:  # raised for the model's code only: a bug of ours propagates
             reasons.update(e.reasons)
             if method is Capture.FX:
@@ -343,7 +358,7 @@ def trace(model: nn.Module, args: tuple, kwargs: dict, method: Capture, dynamic:
         )
     args, kwargs = fresh_examples(args, kwargs)
     try:
-        return _both_modes(_trace_export, model, args, kwargs, dynamic)
+        return _both_modes(_trace_export, model, args, kwargs, dynamic, training_only)
     except Exception as e:
         reasons["export"] = e
         causes = {"fx": f"{type(reasons['fx']).__name__}: {first_line(reasons['fx'])}"} if "fx" in reasons else {}

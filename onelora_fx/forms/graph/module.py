@@ -40,7 +40,7 @@ from .capture import CaptureError, SharedView, Traced, first_line, trace
 from ...compat import GUARDS_PREFIX, pytree, route_forward, set_flat_codegen
 from ...copying import copy_module_tree
 from ..materialize import after_move
-from .modes import FollowTrainEval
+from .modes import MODE_MODULE, FollowTrainEval
 from .passes import finalize
 from .rewrite import IDS, STACK, adapt_like
 from ...records import join, resolve_attr
@@ -54,6 +54,8 @@ _SOURCE = "onelora_source"
 _PRIMARY = "onelora_primary"
 _MORE = "_onelora_calls"  # graphs captured on first use (a cache: copies start without them)
 _STALE = "_onelora_stale"  # moved since the primary graph was captured, and not captured again yet
+_EVAL_ONLY = "onelora_eval_only"  # the primary graph is the eval trace: training calls need their own
+_FX_TRAINING = "_onelora_fx_training"  # symbolic_trace's training-mode forward, for such a model
 
 
 class GuardFailed(AssertionError):
@@ -196,8 +198,11 @@ class CapturedModule(fx.GraphModule):
                 root._modules[name] = copy_module_tree(child, memo)
         _keep_non_persistent(model, root)
         root.meta[_SOURCE] = Source(model, traced.method, dynamic)
+        if traced.mode_note is not None:
+            root.meta[_EVAL_ONLY] = traced.mode_note
         if traced.method is Capture.EXPORT:
-            root.meta[_PRIMARY] = CallGraph.of(traced.args, traced.kwargs or {}, traced.in_spec, traced.out_spec, dynamic)
+            root.meta[_PRIMARY] = CallGraph.of(traced.args, traced.kwargs or {}, traced.in_spec, traced.out_spec, dynamic,
+                                               training=False if traced.mode_note is not None else None)
             set_flat_codegen(root.graph)
             _wrap_guards(root, root.graph, root)
         FollowTrainEval()(root)
@@ -245,12 +250,16 @@ class CapturedModule(fx.GraphModule):
         """Drop the graphs captured on first use (after the adaptation changed): each is
         captured again, as ``root`` is now, when its call comes."""
         root.__dict__.pop(_MORE, None)
+        root.__dict__.pop(_FX_TRAINING, None)
 
     def _call(self, args: tuple, kwargs: dict) -> Any:
         # a stack's graphs take each batch item's adapter as one more (last) input
         extra = {IDS: kwargs.pop(IDS, None)} if self.meta.get(STACK) else {}
         primary: Optional[CallGraph] = self.meta.get(_PRIMARY)
+        training = self.training
         if primary is None:  # symbolic_trace: the graph takes calls as the model does
+            if training and self.meta.get(_EVAL_ONLY):
+                return self._fx_training_forward()(self, *args, **kwargs, **extra)
             return type(self)._onelora_graph_forward(self, *args, **kwargs, **extra)
         if self.__dict__.get(_STALE):
             self._refresh()
@@ -267,7 +276,7 @@ class CapturedModule(fx.GraphModule):
         modes = (mode, ()) if compiling and mode else (mode,)
         for wanted in modes:
             for call, forward in runs:
-                if call.accepts(spec, leaves, wanted):
+                if call.accepts(spec, leaves, wanted, training):
                     try:
                         return call.unflatten(forward(self, *flat))
                     except GuardFailed:  # its shape guards do not hold: another graph serves this call
@@ -279,7 +288,7 @@ class CapturedModule(fx.GraphModule):
                 "first, so that its graph is captured", {})
         with self.source.lock:
             for call in self.__dict__.get(_MORE, ()):  # captured by another thread meanwhile
-                if call.accepts(spec, leaves, mode):
+                if call.accepts(spec, leaves, mode, training):
                     try:
                         return call.unflatten(call.forward(self, *flat))
                     except GuardFailed:
@@ -291,8 +300,12 @@ class CapturedModule(fx.GraphModule):
         source = self.source
         shown = ", ".join(f"{k}={_show(v)}" for k, v in kwargs.items())
         log.info("%s: capturing a graph for a new call (%s)", type(source.model).__name__, shown)
+        # a training call of a model whose Python branches on self.training: its own graph
+        training_only = bool(self.training and self.meta.get(_EVAL_ONLY))
         try:
-            traced = trace(self.shadow(), args, kwargs, Capture.EXPORT, source.dynamic)
+            traced = trace(self.shadow(), args, kwargs, Capture.EXPORT, source.dynamic, training_only)
+            if traced.mode_note is not None and self.training:  # this call branches on the mode
+                traced, training_only = trace(self.shadow(), args, kwargs, Capture.EXPORT, source.dynamic, True), True
         except CaptureError as e:
             raise CaptureError(
                 f"{type(source.model).__name__} was called as ({shown}), unlike the calls captured so far, "
@@ -301,10 +314,31 @@ class CapturedModule(fx.GraphModule):
                 e.reasons,
             ) from e
         graph = self._adopt(traced)
+        mode = True if training_only else False if traced.mode_note is not None else None
         call = CallGraph.of(args, kwargs, traced.in_spec, traced.out_spec, source.dynamic, graph=graph,
-                            forward=_compile(self, graph), autocast=autocast_state())
+                            forward=_compile(self, graph), autocast=autocast_state(), training=mode)
         self.__dict__[_MORE] = (*self.__dict__.get(_MORE, ()), call)
         return call
+
+    def _fx_training_forward(self) -> Callable[..., Any]:
+        """The forward of a training-mode ``symbolic_trace`` graph, captured on first use
+        (a model whose eval graph cannot follow the mode)."""
+        forward = self.__dict__.get(_FX_TRAINING)
+        if forward is not None:
+            return forward
+        if torch.compiler.is_compiling():
+            raise CaptureError(
+                f"{type(self.source.model).__name__} runs other ops in training than in eval mode, and its training "
+                "graph is captured on the first training call, which cannot happen inside torch.compile: make one "
+                "training call outside torch.compile first", {})
+        with self.source.lock:
+            forward = self.__dict__.get(_FX_TRAINING)
+            if forward is None:
+                log.info("%s: capturing its training-mode graph", type(self.source.model).__name__)
+                traced = trace(self.shadow(), (), {}, Capture.FX, self.source.dynamic, training_only=True)
+                forward = _compile(self, self._adopt(traced))
+                self.__dict__[_FX_TRAINING] = forward
+        return forward
 
     def _adopt(self, traced: Traced) -> fx.Graph:
         """Make a graph captured from :meth:`shadow` a graph of this module: attributes
@@ -312,11 +346,20 @@ class CapturedModule(fx.GraphModule):
         graph = traced.module.graph
         graph.owning_module = self  # its targets are this module's now
         for node in graph.nodes:
-            if node.op == "get_attr" and resolve_attr(self, node.target) is None:
-                _register(self, str(node.target), resolve_attr(traced.module, node.target))
-        _wrap_guards(self, graph, traced.module)
+            if node.op == "get_attr":
+                value, mine = resolve_attr(traced.module, node.target), resolve_attr(self, node.target)
+                if mine is None:
+                    _register(self, str(node.target), value)
+                elif not _same_value(mine, value):  # a constant of this trace under a name in use
+                    node.target = _free_name(self, str(node.target))
+                    _register(self, node.target, value)
+            elif node.op == "call_module" and str(node.target) != MODE_MODULE and not _has_module(self, str(node.target)):
+                _register(self, str(node.target), copy_module_tree(traced.module.get_submodule(str(node.target))))
+        if traced.method is Capture.EXPORT:
+            _wrap_guards(self, graph, traced.module)
         FollowTrainEval(graph)(self)
-        set_flat_codegen(graph)
+        if traced.method is Capture.EXPORT:
+            set_flat_codegen(graph)
         adapt_like(self, graph)
         finalize(self, graph)
         return graph
@@ -350,6 +393,7 @@ class CapturedModule(fx.GraphModule):
         if devices:  # what went to meta lost its values, what left it gets them
             state = get_state(self)
             after_move(self, state.vectors if state else (), state.model if state else source.model if source else None)
+        self.__dict__.pop(_FX_TRAINING, None)  # captured again, on the moved tensors, when needed
         if (devices or dtypes) and source is not None and source.method is Capture.EXPORT:
             self.__dict__[_STALE] = {"devices": devices, "dtypes": dtypes}
             self.__dict__.pop(_MORE, None)
@@ -399,7 +443,8 @@ class CapturedModule(fx.GraphModule):
                 "it back, or cast the model and transform it again: ol.transform(model.to(...), ...)."
             ) from e
         graph = self._adopt(traced)
-        self.meta[_PRIMARY] = CallGraph.of(args, kwargs, traced.in_spec, traced.out_spec, self.source.dynamic)
+        self.meta[_PRIMARY] = CallGraph.of(args, kwargs, traced.in_spec, traced.out_spec, self.source.dynamic,
+                                           training=False if traced.mode_note is not None else None)
         self.graph = graph
         del self.__dict__[_STALE]
 
@@ -450,6 +495,23 @@ def _register(root: nn.Module, fqn: str, value: Any) -> None:
         module.register_buffer(leaf, value.clone())
     else:
         setattr(module, leaf, value)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and (
+            a.device.type == "meta" or torch.equal(a, b))
+    return False
+
+
+def _has_module(root: nn.Module, fqn: str) -> bool:
+    try:
+        root.get_submodule(fqn)
+    except AttributeError:
+        return False
+    return True
 
 
 def _free_name(root: nn.Module, stem: str) -> str:

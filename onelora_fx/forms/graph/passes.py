@@ -23,9 +23,12 @@ def _impure(node: fx.Node) -> bool:
     """What dead-code elimination must keep: fx's impure nodes, and the calls with which
     an exported ``torch.vmap`` enters and leaves its level (``_vmap_increment_nesting`` /
     ``_vmap_decrement_nesting``: the decrement's result is unused, yet dropping it leaves
-    the level open and the next batched op fails; transformers' masks use vmap)."""
+    the level open and the next batched op fails; transformers' masks use vmap), and the
+    in-place methods of a ``symbolic_trace`` graph (``t.div_(p)`` whose result is unused
+    still changes ``t``: timm's stochastic depth scales its mask so)."""
     return node.is_impure() or (
-        node.op == "call_function" and getattr(node.target, "__module__", "") == "torch._functorch.predispatch")
+        node.op == "call_function" and getattr(node.target, "__module__", "") == "torch._functorch.predispatch") or (
+        node.op == "call_method" and str(node.target).endswith("_") and not str(node.target).endswith("__"))
 
 
 def finalize(gm: fx.GraphModule, graph: Optional[fx.Graph] = None) -> None:
