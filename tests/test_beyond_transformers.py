@@ -326,3 +326,118 @@ def test_load_adapts_a_base_model_from_a_saved_adapter_in_one_call(how, tmp_path
     other = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(ol.AdapterFileError, match="no linear sites of Sequential.*an adapter of this model"):
         ol.load(other, path)
+
+
+def _drop_path(x, p: float, training: bool):
+    """timm's stochastic depth, as timm writes it: a Python branch on the mode and an
+    in-place scaling whose result is unused."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1 - p
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = x.new_empty(shape).bernoulli_(keep)
+    mask.div_(keep)
+    return x * mask
+
+
+class _DropPathBlocks(nn.Module):
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        self.p = p
+        self.fc1, self.fc2, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = x + _drop_path(self.fc1(x), self.p, self.training)
+        x = x + _drop_path(self.fc2(x), self.p, self.training)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_training_runs_the_model_s_train_only_branches(capture, caplog):
+    """timm's drop_path branches on self.training in Python: no one graph is right in both
+    modes. Training calls run a training-mode graph (the same random masks as the model
+    under the same seed, gradients exact); eval, merge and export the eval graph."""
+    torch.manual_seed(0)
+    model = _DropPathBlocks()
+    x = torch.randn(16, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # handled, so no warning
+        gm = ol.transform(model, "all", capture=capture, example_inputs=(x,))
+    randomize_adapters(gm)
+    reference = folded(model, gm, {"fc1.weight", "fc2.weight", "head.weight"})
+    gm.train(), reference.train()
+    torch.manual_seed(3)
+    first = gm(x)
+    first.square().sum().backward()
+    torch.manual_seed(3)
+    want = reference(x)
+    want.square().sum().backward()
+    assert_close(first, want)
+    for site in ol.sites(gm):  # a folded weight's gradient, summed over its inputs, is b's
+        assert_close(gm.get_parameter(site.adapter_name).grad, reference.get_parameter(site.weight_name).grad.sum(-1))
+    assert not torch.equal(gm(x), first), "each training call draws new masks"
+    gm.eval(), reference.eval()
+    assert_close(gm(x), reference(x))
+    assert torch.equal(gm(x), gm(x))
+    assert_close(ol.merge(gm)(x), reference(x))
+    assert not [k for k in vars(model) if "constant" in k], "tracing must not leave constants on the model"
+
+
+def test_a_constant_made_in_forward_is_no_train_eval_difference(caplog):
+    """symbolic_trace stores tensors the forward creates on the traced model; two traces
+    named them apart, and the mode check took that for a difference between the modes."""
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x) * torch.tensor(2.0)
+
+    model = Scaled()
+    before = model_state(model)
+    with caplog.at_level(logging.INFO, logger="onelora_fx"):
+        gm = ol.transform(model, "all", capture="fx")
+    assert not [r for r in caplog.records if "different ops in training" in r.getMessage()]
+    assert "onelora_eval_only" not in gm.meta
+    assert_same_state(before, model_state(model))
+    assert not hasattr(model, "_tensor_constant0")
+
+
+class SequenceFirst3d(nn.Module):
+    """A linear over a sequence-first ``[S, B, E]`` view of a batch-first input."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(self.fc(x.transpose(0, 1)).transpose(0, 1))
+
+
+@pytest.mark.parametrize("capture", ["fx", "module"])
+def test_a_stack_without_recorded_shapes_refuses_a_sequence_first_input_when_s_equals_b(capture):
+    """With S == B the shape [S, B, E] looks batch first: the fx form reads the transpose
+    from its graph and refuses at stack time, the module form (no graph) refuses the
+    ambiguous call; both used to give items each other's adapters."""
+    torch.manual_seed(0)
+    model = SequenceFirst3d()
+    x = torch.randn(4, 4, 8)
+    adapters = []
+    for seed in range(2):
+        gm = quiet_transform(model, "all", example_inputs=(x,), capture=capture)
+        randomize_adapters(gm, seed + 1)
+        adapters.append(gm)
+    ids = torch.tensor([0, 1, 1, 0])
+    if capture == "fx":
+        with pytest.raises(ValueError, match="moves the batch out of the first dimension"):
+            ol.stack(adapters[0], adapters)
+        return
+    multi = ol.stack(adapters[0], adapters)
+    with pytest.raises(ValueError, match="first two dimensions are both 4.*capture='export'"):
+        multi(x, adapter_ids=ids)
+    x3 = torch.randn(4, 3, 8)  # S != B: the shape tells, and the call is exact where it runs
+    with pytest.raises(ValueError, match="one entry per item of the batch"):
+        multi(x3, adapter_ids=ids)

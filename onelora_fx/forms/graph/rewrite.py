@@ -194,9 +194,43 @@ _REORDERS = {"transpose", "permute", "t", "movedim", "swapaxes", "swapdims", "nu
              "index", "index_select", "gather", "take_along_dim"}
 
 
+def _moves_batch(node: fx.Node) -> bool:
+    """Does this op move dimension 0 (``x.transpose(0, 1)``, ``x.t()``, ``permute(1, 0, 2)``)?"""
+    name = op_name(node.op, node.target)
+    args = node.args[1:]
+    if name in ("t", "numpy_T"):
+        return True
+    if name in ("transpose", "swapaxes", "swapdims", "movedim"):
+        return 0 in args[:2]
+    if name == "permute":
+        dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+        return bool(dims) and dims[0] != 0
+    return False
+
+
+def _batch_moved_before(x: fx.Node) -> Optional[fx.Node]:
+    """For a graph without shapes (``symbolic_trace``): the op that left ``x``'s batch out
+    of dimension 0, if the chain of first arguments behind ``x`` moves it an odd number
+    of times (``self.fc(x.transpose(0, 1))``); sizes cannot tell when ``S == B``."""
+    moves, node, last = 0, x, None
+    while isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and node.args:
+        if _moves_batch(node):
+            moves, last = moves + 1, node if last is None else last
+        node = node.args[0]
+    return last if moves % 2 else None
+
+
 def _rows(x: fx.Node, batch: Any) -> str:
-    """How ``x``'s rows meet the batch, read from the shapes export recorded."""
+    """How ``x``'s rows meet the batch, read from the shapes export recorded (a graph
+    without them: from its ops, then at run time from the shapes)."""
     val = x.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        moved = _batch_moved_before(x)
+        if moved is not None:
+            raise ValueError(
+                f"a stacked linear reads {x.name}, which comes after {moved.format_node()}: that moves the batch out "
+                "of the first dimension, so a stack cannot tell which adapter each row belongs to"
+            )
     if batch is None or not isinstance(val, torch.Tensor) or val.dim() < 2:
         return ops.BY_SHAPE
     if _same(val.shape[0], batch):

@@ -78,21 +78,39 @@ def _stack_ids() -> torch.Tensor:
     return ids
 
 
+def _batch_ids(x: torch.Tensor) -> torch.Tensor:
+    """The call's ``adapter_ids``, for an input whose batch dimension its shape tells.
+
+    The module form has no graph to read a layout from: an input whose first two
+    dimensions both have the batch's size (``[S, B, E]`` with ``S == B``, sequence first
+    or batch first) could be either, and guessing wrong gives items other items' adapters."""
+    ids = _stack_ids()
+    n = ids.shape[0]
+    if n > 1 and x.dim() >= 3 and x.shape[0] == n and x.shape[1] == n:
+        raise ValueError(
+            f"a stacked linear of the module form got an input of shape {tuple(x.shape)} with adapter_ids of {n} "
+            f"entries: its first two dimensions are both {n}, so which one is the batch cannot be told from the "
+            "shape (a sequence-first [S, B, E] input has S == B here). Call it with a sequence length other than "
+            "the batch size, or stack a graph form captured with capture='export', which records the layout"
+        )
+    return ids
+
+
 def _one_or_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], b: torch.Tensor, in_out: bool) -> torch.Tensor:
     """1LoRA with one vector, or with a stack of them (``[K, out]``) and the ids of the call."""
     if b.dim() == 1:
         return ops.linear(x, weight, bias, b, transposed=in_out)
     if is_quantized_weight(weight):  # the quantized call as it is, each row's term beside it
         return ops.add_rows_term(ops.linear(x, weight, bias, torch.zeros_like(b[0]), transposed=in_out), x, b,
-                                 _stack_ids(), rows=ops.BY_SHAPE)
-    return ops.linear_rows(x, weight, bias, b, _stack_ids(), transposed=in_out, rows=ops.BY_SHAPE)
+                                 _batch_ids(x), rows=ops.BY_SHAPE)
+    return ops.linear_rows(x, weight, bias, b, _batch_ids(x), transposed=in_out, rows=ops.BY_SHAPE)
 
 
 def _add_term(y: torch.Tensor, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The 1LoRA term beside a call that computed ``y`` (one vector, or a stack)."""
     if b.dim() == 1:
         return ops.add_term(y, x, b)
-    return ops.add_rows_term(y, x, b, _stack_ids(), rows=ops.BY_SHAPE)
+    return ops.add_rows_term(y, x, b, _batch_ids(x), rows=ops.BY_SHAPE)
 
 
 def _layer_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
