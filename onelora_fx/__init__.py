@@ -25,7 +25,7 @@ from .forms.graph.module import MoveError
 from .forms.module.layers import SiteError
 from .query import adapted_sites, adapter_parameters, is_adapted
 from .records import Layout, LinearSite
-from .state import AlreadyAdaptedError, Capture, Extra
+from .state import AdapterStateError, AlreadyAdaptedError, Capture, Extra
 from .summary import summary
 from .switch import disabled
 from .transform import sites, transform
@@ -62,4 +62,5 @@ __all__ = [
     "SiteError",
     "PatternError",
     "AlreadyAdaptedError",
+    "AdapterStateError",
 ]

@@ -191,6 +191,12 @@ def is_dtensor(t: object) -> bool:
     return module is not None and isinstance(t, module.DTensor)
 
 
+def is_fsdp_module(m: object) -> bool:
+    """Has ``fully_shard`` (FSDP2) been applied to ``m`` (it swaps in a subclass)?"""
+    module = sys.modules.get("torch.distributed.fsdp")
+    return module is not None and isinstance(m, getattr(module, "FSDPModule", ()))
+
+
 def subclass_over(t: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     """A new tensor of ``t``'s class (a Parameter subclass: bitsandbytes' ``Params4bit``,
     ``Int8Params``) over ``data``, with ``t``'s Python fields.

@@ -35,7 +35,7 @@ get :func:`expert_term`: ``y + b[e] * x.sum(-1)`` with ``e`` each row's expert.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,7 @@ from torch import Tensor
 from .compat import assert_async, check, is_dtensor, is_view
 from .quant import dequantize, is_quantized_weight
 
-__all__ = ["linear", "decompose", "expert_term", "expert_of_rows", "linear_rows", "rows_layout", "check_ids", "add_term",
+__all__ = ["linear", "decompose", "expert_term", "expert_of_rows", "linear_rows", "rows_layout", "batch_source", "check_ids", "add_term",
            "add_rows_term", "LEADING", "FLATTENED", "BY_SHAPE"]
 
 
@@ -390,6 +390,19 @@ def _per_row(chosen: Tensor, x: Tensor, rows: str) -> Tensor:
     if rows == FLATTENED:
         return chosen.unsqueeze(1).expand(n, x.shape[0] // n, chosen.shape[-1]).reshape(x.shape[0], chosen.shape[-1])
     return chosen.reshape(n, *([1] * (x.dim() - 2)), chosen.shape[-1])
+
+
+def batch_source(values: Sequence[Any]) -> Optional[Any]:
+    """Which of a call's inputs (tensors, or fake tensors of a graph) gives the batch size:
+    the first whose first dimension is not a broadcast 1 (``position_ids`` of shape
+    ``[1, S]`` beside ``inputs_embeds [B, S, E]``), else the first with a dimension.
+
+    Example:
+        >>> batch_source([torch.zeros(1, 5), torch.zeros(3, 5, 8)]).shape[0]
+        3
+    """
+    shaped = [v for v in values if getattr(v, "dim", None) is not None and v.dim() > 0]
+    return next((v for v in shaped if not (isinstance(v.shape[0], int) and v.shape[0] == 1)), shaped[0] if shaped else None)
 
 
 def check_ids(ids: Optional[Tensor], batch: Optional[Tensor], adapters: int) -> Tensor:

@@ -15,7 +15,7 @@ from . import ops
 from .forms import form_of
 from .forms.module.layers import is_adapted_layer
 from .records import LinearSite
-from .state import get_state
+from .state import AdapterStateError, get_state
 
 __all__ = ["is_adapted", "adapted_sites", "adapter_parameters"]
 
@@ -71,4 +71,15 @@ def adapter_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
     state = get_state(module)
     if state is None:
         return {}
-    return {name: module.get_parameter(name) for name in (*state.vectors, *state.extras)}
+    out, gone = {}, []
+    for name in (*state.vectors, *state.extras):
+        try:
+            out[name] = module.get_parameter(name)
+        except AttributeError:
+            gone.append(name)
+    if gone:
+        raise AdapterStateError(
+            f"{len(gone)} trained tensor(s) that transform recorded are no longer in the module ({', '.join(gone[:4])}"
+            f"{' ...' if len(gone) > 4 else ''}): a layer holding them was replaced or deleted after transform. "
+            "Replace layers (quantize, swap) before ol.transform, then transform the result")
+    return out

@@ -43,6 +43,11 @@ class AlreadyAdaptedError(ValueError):
     """The module already carries 1LoRA vectors; adapting again would stack them."""
 
 
+class AdapterStateError(RuntimeError):
+    """The module no longer holds what ``transform`` recorded (a layer with a vector was
+    replaced or deleted afterwards)."""
+
+
 class Extra(str, enum.Enum):
     """Parameters trained next to the 1LoRA vectors (``transform(..., train=...)``)."""
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from .forms.graph.capture import CaptureError, first_line, mode_note, why_export_failed
 from .analysis.accounting import Accounting, warn_unadapted
-from .compat import is_dtensor
+from .compat import is_dtensor, is_fsdp_module
 from .forms import Captured, Form, GraphForm, ModuleForm
 from .forms.base import refuse_adapter_ids
 from .forms.module.form import has_quantized
@@ -104,6 +104,14 @@ def _check_model(model: Any) -> None:
             f"{type(model).__name__} already carries 1LoRA vectors; adapting it again would "
             "stack a second adapter. Transform the base model, or merge first (ol.merge)."
         )
+    sharded = next((n or "the model itself" for n, m in model.named_modules() if is_fsdp_module(m)), None)
+    if sharded is not None:
+        # FSDP2 owns those modules' parameters (it swaps sharded and gathered tensors in
+        # on every forward): an adapted copy of them would run on shards
+        raise TypeError(
+            f"{type(model).__name__} is already sharded with fully_shard (FSDP2; {sharded} is an FSDP module): "
+            "transform the unsharded model, then call fully_shard on the adapted module's layers and on it "
+            "(gm = ol.transform(model, ...); fully_shard(layer) for each layer; fully_shard(gm))")
 
 
 def _take(model: nn.Module, args: tuple, kwargs: dict, method: Capture, dynamic: bool) -> tuple[Form, Captured]:

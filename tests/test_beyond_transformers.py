@@ -441,3 +441,54 @@ def test_a_stack_without_recorded_shapes_refuses_a_sequence_first_input_when_s_e
     x3 = torch.randn(4, 3, 8)  # S != B: the shape tells, and the call is exact where it runs
     with pytest.raises(ValueError, match="one entry per item of the batch"):
         multi(x3, adapter_ids=ids)
+
+
+@pytest.mark.parametrize("capture", ["export", "module"])
+def test_a_stack_takes_the_batch_from_inputs_embeds_not_a_broadcast_position_ids(capture):
+    """``position_ids=arange(S)[None]`` comes first in LLaMA's signature and has one row
+    for every item: the batch is ``inputs_embeds``'s first dimension."""
+    from toolkit import randomize_norms, tiny_llama
+
+    model = randomize_norms(tiny_llama()).eval()
+    embeds = torch.randn(3, 6, model.config.hidden_size)
+    kwargs = dict(inputs_embeds=embeds, position_ids=torch.arange(6)[None], use_cache=False)
+    adapters = []
+    for seed in range(2):
+        gm = quiet_transform(model, "all", example_kwargs=kwargs, capture=capture)
+        randomize_adapters(gm, seed + 1)
+        adapters.append(gm)
+    multi = ol.stack(adapters[0], adapters)
+    ids = torch.tensor([1, -1, 0])
+    got = multi(**kwargs, adapter_ids=ids).logits
+    for item, which in enumerate(ids.tolist()):
+        one = dict(kwargs, inputs_embeds=embeds[item:item + 1])
+        want = (adapters[which] if which >= 0 else model)(**one).logits[0]
+        assert_close(got[item], want)
+
+
+
+def test_adapter_parameters_of_a_module_whose_adapted_layer_was_swapped_says_so():
+    gm = quiet_transform(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), "all", capture="module")
+    gm[2] = nn.Linear(4, 2)  # as a user quantizing after transform would
+    with pytest.raises(ol.AdapterStateError, match=r"1 trained tensor.*2\.onelora_b.*before ol.transform"):
+        ol.adapter_parameters(gm)
+
+
+def test_a_model_already_sharded_with_fully_shard_is_refused_with_the_order_to_use(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        mesh = init_device_mesh("cpu", (1,))
+        fully_shard(model[0], mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        before = model_state(model)
+        for capture in ("auto", "module"):
+            with pytest.raises(TypeError, match="already sharded with fully_shard.*transform the unsharded model"):
+                ol.transform(model, "all", capture=capture, example_inputs=(torch.randn(2, 4),))
+        assert_same_state(before, model_state(model))
+    finally:
+        dist.destroy_process_group()

@@ -97,6 +97,10 @@ def save_adapter(module: nn.Module, path: str | os.PathLike, *, index: Optional[
     """Write the trained tensors of an adapted module to ``path`` (safetensors); for a
     stack (``ol.stack``), those of adapter ``index``.
 
+    Under tensor parallelism or FSDP2 (DTensor vectors) call it on every rank: the
+    shards are gathered with a collective and rank 0 writes the file. Called on rank 0
+    alone it waits for the other ranks (until the process group's timeout).
+
     Example:
         >>> ol.save_adapter(gm, "adapter.safetensors")      # doctest: +SKIP
 

@@ -260,8 +260,10 @@ class StackSites(GraphPass):
         if any(n.op == "call_function" and n.target is ops.expert_term for n in graph.nodes):
             raise ValueError("expert sites cannot be stacked: a grouped matmul sorts its rows by expert, not by batch item")
         inputs = [n for n in graph.nodes if n.op == "placeholder"]
-        first = next((n for n in inputs if isinstance(n.meta.get("val"), torch.Tensor)), None)
-        self.batch = first.meta["val"].shape[0] if first is not None and first.meta["val"].dim() else None
+        tensors = [n for n in inputs if isinstance(n.meta.get("val"), torch.Tensor)]
+        val = ops.batch_source([n.meta["val"] for n in tensors])
+        first = next((n for n in tensors if n.meta["val"] is val), tensors[0] if tensors else None)
+        self.batch = val.shape[0] if val is not None else None
         self.first = first
         self.layouts = {n: _rows(n.args[0], self.batch) for n in graph.nodes if n.op == "call_function" and n.target is ops.linear}
 

@@ -128,13 +128,13 @@ def _quantized_layer_forward(base: type) -> Any:
 
 
 def _batch_input(forward: Any, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
-    """The first tensor of a call, in the order of ``forward``'s parameters: its first
-    dimension is the batch."""
+    """The tensor of a call, in the order of ``forward``'s parameters, whose first
+    dimension is the batch (:func:`onelora_fx.ops.batch_source`)."""
     try:
         values = list(inspect.signature(forward).bind_partial(*args, **kwargs).arguments.values())
     except (TypeError, ValueError):
         values = [*args, *kwargs.values()]
-    return next((v for v in pytree.tree_leaves(values) if isinstance(v, torch.Tensor)), None)
+    return ops.batch_source([v for v in pytree.tree_leaves(values) if isinstance(v, torch.Tensor)])
 
 
 def _stack_forward(base: type, self: nn.Module, *args: Any, adapter_ids: Optional[torch.Tensor] = None,
