@@ -18,7 +18,7 @@ from .adapters.stack import stack, unstack
 from .analysis.patterns import PatternError
 from .compile import backend as _backend  # noqa: F401  (registers torch.compile(..., backend="onelora"))
 from .deploy.export import ExportError, export
-from .deploy.merge import merge
+from .deploy.merge import merge, unmerge
 from .fold import MergeError
 from .forms.graph.capture import CaptureError
 from .forms.graph.module import MoveError
@@ -42,6 +42,7 @@ __all__ = [
     "is_adapted",
     "disabled",
     "merge",
+    "unmerge",
     "MergeError",
     "export",
     "ExportError",

@@ -91,6 +91,33 @@ class AdapterState:
     def capture(self) -> Capture:
         return Capture(self.method)
 
+    def stack_ids(self, value: Any, device: Optional[torch.device] = None) -> Any:
+        """A stack's ``adapter_ids`` as a tensor: a tensor as given; a list names each
+        batch item's adapter by name (as given to ``ol.stack``) or index, ``None`` (or
+        ``-1``) for the base model.
+
+        Example:
+            >>> AdapterState("all", "fx", stack=("legal", "support")).stack_ids(["support", None, 0]).tolist()
+            [1, -1, 0]
+        """
+        if value is None or isinstance(value, torch.Tensor) or not isinstance(value, (list, tuple)):
+            return value  # checked with the call (ops.check_ids)
+        out = []
+        for item in value:
+            if item is None:
+                out.append(-1)
+            elif isinstance(item, str):
+                if item not in self.stack:
+                    raise ValueError(f"adapter_ids names {item!r}, which is not in this stack "
+                                     f"({', '.join(map(repr, self.stack))}); use one of those names, an index, or None "
+                                     "for the base model")
+                out.append(self.stack.index(item))
+            elif isinstance(item, int) and not isinstance(item, bool):
+                out.append(item)
+            else:
+                raise TypeError(f"adapter_ids entries are adapter names, indices or None, got {type(item).__name__}")
+        return torch.tensor(out, dtype=torch.int64, device=device)
+
     def __deepcopy__(self, memo: dict) -> "AdapterState":
         # the model and the originals are the model's: a copy of the adapted module
         # still comes from that model (its tensors are never copied)

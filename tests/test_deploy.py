@@ -292,3 +292,42 @@ def test_float64_weights_fold_in_float64(inplace):
     for name, w in expected.items():
         assert merged.get_parameter(name).dtype == torch.float64
         assert torch.equal(merged.get_parameter(name), w), name
+
+
+@pytest.mark.parametrize("capture", ["auto", "module"])
+def test_unmerge_gives_back_the_adapted_module_bit_for_bit(capture):
+    from toolkit import randomize_norms, tiny_llama
+
+    model = randomize_norms(tiny_llama()).eval()
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    before = model_state(model)
+    gm = quiet_transform(model, "all-linear", capture=capture, example_kwargs={"input_ids": ids}, train=("norm",))
+    randomize_adapters(gm)
+    trained = {k: v.detach().clone() for k, v in ol.adapter_parameters(gm).items()}
+    merged = ol.merge(gm)
+    again = ol.unmerge(merged)
+    got = ol.adapter_parameters(again)
+    assert got.keys() == trained.keys()
+    for name, value in trained.items():
+        assert torch.equal(got[name], value), name
+        assert got[name] is not ol.adapter_parameters(gm)[name], "the unmerged module trains its own copy"
+    for site in ol.sites(again):
+        if site.adapted:
+            base = model.get_parameter(site.weight_name)
+            assert site.weight.data_ptr() == base.data_ptr() and torch.equal(site.weight, base), \
+                "the base weight's own storage, not a re-subtraction"
+    assert torch.equal(again(input_ids=ids).logits, gm(input_ids=ids).logits)
+    with torch.no_grad():  # training the unmerged module leaves the merge's record alone
+        next(iter(ol.adapter_parameters(again).values())).add_(1.0)
+    assert torch.equal(next(iter(ol.adapter_parameters(ol.unmerge(merged)).values())), next(iter(trained.values())))
+    assert_same_state(before, model_state(model))
+
+
+def test_unmerge_refuses_an_in_place_merge_and_a_module_that_was_not_merged():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    gm = quiet_transform(copy.deepcopy(model), "all")
+    with pytest.raises(ol.MergeError, match="not made by ol.merge"):
+        ol.unmerge(gm)
+    merged = ol.merge(gm, inplace=True)
+    with pytest.raises(ol.MergeError, match="merged in place.*not give them back bit for bit"):
+        ol.unmerge(merged)

@@ -146,3 +146,25 @@ def test_disabled_runs_the_base_model_exactly_and_restores_the_adapter(capture):
     with pytest.raises(ValueError, match="adapted by onelora_fx.transform"):
         with ol.disabled(model):
             pass
+
+
+def _torchtune_get_adapter_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """torchtune's ``peft.get_adapter_params`` (torchtune 0.6, which does not import next
+    to torchao 0.18), as torchtune writes it: each module's ``adapter_params()`` names."""
+    out = {}
+    for k, v in model.named_modules():
+        if hasattr(v, "adapter_params") and callable(v.adapter_params):
+            current = v.adapter_params()
+            for n, p in v.named_parameters(recurse=True):
+                if n in current:
+                    out[f"{k}.{n}" if k else n] = p
+    return out
+
+
+@pytest.mark.parametrize("capture", ["auto", "module"])
+def test_adapter_params_follows_torchtune_s_protocol(capture):
+    gm = quiet_transform(tiny_llama(), "all-linear", capture=capture, example_kwargs={"input_ids": IDS}, train=("norm",))
+    found = _torchtune_get_adapter_params(gm)
+    expected = ol.adapter_parameters(gm)
+    assert found.keys() == expected.keys() and len(found) > 14
+    assert all(found[k] is expected[k] for k in found)

@@ -49,6 +49,16 @@ def test_each_row_gets_its_own_adapter_and_minus_one_the_base(stacked):
     assert all(p.shape[0] == 3 for p in ol.adapter_parameters(multi).values()), "one [K, out] stack per weight"
 
 
+def test_adapters_are_picked_by_the_names_they_were_stacked_under(stacked):
+    model, adapters, multi = stacked
+    named = ol.stack(adapters[0], dict(zip(["legal", "support", "chat"], adapters))).eval()
+    by_name = named(input_ids=IDS, adapter_ids=["chat", None, "legal", "support", "chat"]).logits
+    assert torch.equal(by_name, multi(input_ids=IDS, adapter_ids=ADAPTER_IDS).logits)
+    assert torch.equal(by_name, named(input_ids=IDS, adapter_ids=[2, -1, 0, 1, 2]).logits)
+    with pytest.raises(ValueError, match="'tax', which is not in this stack \\('legal', 'support', 'chat'\\)"):
+        named(input_ids=IDS, adapter_ids=["tax", None, "legal", "support", "chat"])
+
+
 def test_one_training_step_gives_each_adapter_the_gradient_of_its_rows(stacked):
     model, adapters, multi = stacked  # eval mode: no dropout, so both runs see the same function
     for p in ol.adapter_parameters(multi).values():

@@ -28,7 +28,10 @@ from ..analysis.sites import group_by_weight
 from ..records import LinearSite
 from ..state import get_state, set_state
 
-__all__ = ["merge", "MergeError"]
+__all__ = ["merge", "unmerge", "MergeError"]
+
+#: a merged module's adapted original (base tensors shared, vectors and extras its own)
+_UNMERGE = "_onelora_unmerge"
 
 
 def _groups(found: list[LinearSite]) -> dict[str, list[LinearSite]]:
@@ -181,10 +184,54 @@ def merge(gm: nn.Module, *, inplace: bool = False) -> nn.Module:
     if inplace and state is not None and state.model is not None:
         _check_shared(gm, state.model, _groups(adapted_sites(gm)))
     target = gm if inplace else form.copy(gm)
+    original = None if inplace else _snapshot(form, gm)
     plans = form.plan(target, _groups(adapted_sites(target)))
     form.merge(target, plans, inplace)
     if inplace:
         _write_back(target)
         _untie(target, plans)
     set_state(target, None)
+    target.__dict__[_UNMERGE] = original
     return target
+
+
+def _snapshot(form, gm: nn.Module) -> nn.Module:
+    """A copy of ``gm`` over the same base tensors whose trained tensors (vectors, extras)
+    are its own clones: what :func:`unmerge` gives back, bit for bit."""
+    from ..query import adapter_parameters
+
+    copy = form.copy(gm)
+    for name, p in adapter_parameters(copy).items():
+        owner, _, leaf = name.rpartition(".")
+        (copy.get_submodule(owner) if owner else copy)._parameters[leaf] = nn.Parameter(
+            p.detach().clone(), requires_grad=p.requires_grad)
+    return copy
+
+
+def unmerge(merged: nn.Module) -> nn.Module:
+    """The adapted module a merge was made from: the base weights (the same tensors, bit
+    for bit) and the 1LoRA vectors and ``train=`` extras as they were when it was merged.
+
+    A merge with ``inplace=False`` keeps, for this, the adapted module's structure and a
+    copy of its trained tensors (``out_features`` numbers per vector, plus any extras); the
+    base weights are the model's own, shared, so unmerging costs no weight memory. A merge
+    with ``inplace=True`` wrote ``W + b 1ᵀ`` over the base weights: there is nothing to
+    restore exactly, and :func:`unmerge` says so.
+
+    Example:
+        >>> deployed = ol.merge(gm)                    # doctest: +SKIP
+        >>> again = ol.unmerge(deployed)               # trains on, from where gm was   # doctest: +SKIP
+
+    Raises:
+        MergeError: ``merged`` does not come from :func:`merge`, or was merged in place.
+    """
+    if _UNMERGE not in merged.__dict__:
+        raise MergeError(f"{type(merged).__name__} was not made by ol.merge: there is no merge to undo")
+    original = merged.__dict__[_UNMERGE]
+    if original is None:
+        raise MergeError(
+            "this module was merged in place (ol.merge(gm, inplace=True)): the base weights now hold W + b 1ᵀ, "
+            "and subtracting b again would not give them back bit for bit. Save the adapter before merging in "
+            "place (ol.save_adapter) and load it into the base model, or merge with inplace=False, which can be "
+            "unmerged")
+    return _snapshot(form_of(original), original)

@@ -185,6 +185,12 @@ class CapturedModule(fx.GraphModule):
                 f"save_pretrained() and gradient checkpointing), or merge into the model (ol.merge(gm, inplace=True))")
         return value
 
+    def adapter_params(self) -> list[str]:
+        """torchtune's ``AdapterModule`` protocol: the names of the parameters to train
+        and save (every 1LoRA vector, then ``train=`` extras)."""
+        state = get_state(self)
+        return [*state.vectors, *state.extras] if state is not None else []
+
     # ------------------------------------------------------------------ building
 
     @classmethod
@@ -254,7 +260,7 @@ class CapturedModule(fx.GraphModule):
 
     def _call(self, args: tuple, kwargs: dict) -> Any:
         # a stack's graphs take each batch item's adapter as one more (last) input
-        extra = {IDS: kwargs.pop(IDS, None)} if self.meta.get(STACK) else {}
+        extra = {IDS: self._stack_ids(kwargs.pop(IDS, None))} if self.meta.get(STACK) else {}
         primary: Optional[CallGraph] = self.meta.get(_PRIMARY)
         training = self.training
         if primary is None:  # symbolic_trace: the graph takes calls as the model does
@@ -295,6 +301,11 @@ class CapturedModule(fx.GraphModule):
                         continue
             call = self._capture_call(args, kwargs)
         return call.unflatten(call.forward(self, *flat))
+
+    def _stack_ids(self, value: Any) -> Any:
+        """``adapter_ids`` given by adapter names or as a list: as a tensor."""
+        state = get_state(self)
+        return state.stack_ids(value, _device_of(self)) if state is not None else value
 
     def _capture_call(self, args: tuple, kwargs: dict) -> CallGraph:
         source = self.source

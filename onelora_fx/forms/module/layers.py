@@ -59,6 +59,15 @@ class _OneLoRA:
 
     _onelora_base: type
 
+    def adapter_params(self) -> list[str]:
+        """torchtune's ``AdapterModule`` protocol: the names (relative to this module) of
+        the parameters to train and save: on the adapted root every 1LoRA vector and
+        ``train=`` extra, on an adapted layer its vector."""
+        state = get_state(self)  # type: ignore[arg-type]
+        if state is not None:
+            return [*state.vectors, *state.extras]
+        return [ADAPTER_SUFFIX] if ADAPTER_SUFFIX in self._parameters else []  # type: ignore[attr-defined]
+
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         result = super()._apply(fn, recurse)  # type: ignore[misc]
         state = get_state(self)  # type: ignore[arg-type]
@@ -143,6 +152,8 @@ def _stack_forward(base: type, self: nn.Module, *args: Any, adapter_ids: Optiona
     to the layers for this call."""
     state = get_state(self)
     count = len(state.stack) if state is not None else 0
+    if state is not None:  # names or a list: a tensor on the module's device
+        adapter_ids = state.stack_ids(adapter_ids, next((p.device for p in self.parameters()), None))
     adapter_ids = ops.check_ids(adapter_ids, _batch_input(base.forward.__get__(self), args, kwargs), count)
     token = _ADAPTER_IDS.set(adapter_ids)
     try:
