@@ -17,7 +17,7 @@ masked-LM and image-classification auto mappings (327 rows with transformers 5.2
    2-D+ parameters no site covers are counted (``uncovered_params``, how many warnings name);
 4. numerics: every ``b`` set to ``0.02 randn``; ``gm`` against the reference below on the first
    output tensor, ``allclose(rtol=1e-4, atol=1e-4 * max(1, |ref|.max()))``;
-5. one backward of the sum of squares of the outputs: every ``b`` that takes part (has a
+5. one backward of the sum of squares of the outputs plus a fixed random projection of them: every ``b`` that takes part (has a
    gradient in the reference) gets a finite gradient equal to the reference's
    (``allclose(rtol=1e-3, atol=1e-3 * the largest reference b gradient)``);
 6. ``ol.merge(gm)`` gives ``gm``'s output (same tolerance).
@@ -46,11 +46,19 @@ Outcomes (one per row):
                  onelora_fx not involved.
 Target: 0 silent skips, 0 wrong, 0 crashes; every clean error says the cause and the way out.
 
+``--libraries`` runs the same steps on the tiny models of ``sweep_libraries.py`` instead: timm,
+torchvision, open_clip, diffusers, torchtune, torch.nn, and hand-written reproductions of the
+patterns a graph pass can miss (rows go to ``coverage_sweep_libraries.*``). A library that cannot
+be imported gives ``unavailable`` rows that say why. For these models every linear layer whose
+weight the forward reads in any way (also through a function that takes the weight) and that
+gets a gradient must be adapted or named in a warning.
+
 Run it after every change to sites, forms, capture or merge (too long for CI):
     python benchmarks/coverage_sweep.py --quick          # 13 architectures, ~5 min on 2 cores
     python benchmarks/coverage_sweep.py                  # all of them: hours (20-200 s each on 2 cores)
     python benchmarks/coverage_sweep.py --sample 60      # 60 drawn at random (seed 0): about an hour
     python benchmarks/coverage_sweep.py --only rwkv,swin --fresh
+    python benchmarks/coverage_sweep.py --libraries --fresh      # 35 models of other libraries, ~10 min
 Rows go to ``benchmarks/out/coverage_sweep.jsonl`` as they finish (a restart resumes; ``--fresh``
 reruns the selection), then ``coverage_sweep.json`` (counts + rows) and the ``coverage_sweep.txt``
 table; ``--update-results`` also writes ``benchmarks/results/coverage_sweep.json``.
@@ -68,8 +76,9 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import sweep_configs as sc  # noqa: E402
+import sweep_libraries as sl  # noqa: E402
 
-OUTCOMES = ["exact", "clean error", "silent skip", "wrong", "crash", "config-failed"]
+OUTCOMES = ["exact", "clean error", "silent skip", "wrong", "crash", "config-failed", "unavailable"]
 QUICK = [("causal-lm", "llama"), ("causal-lm", "gpt2"), ("masked-lm", "bert"), ("seq2seq-lm", "t5"),
          ("seq2seq-lm", "bart"), ("causal-lm", "mixtral"), ("causal-lm", "qwen3_moe"), ("causal-lm", "falcon"),
          ("image-classification", "vit"), ("causal-lm", "whisper"), ("causal-lm", "deepseek_v3"),
@@ -115,7 +124,15 @@ def first_tensor(out):
 
 
 def square_sum(out):
-    return sum(t.float().pow(2).sum() for t in tensors(out) if t.is_floating_point() and t.requires_grad)
+    """The loss of the backward checks: the sum of squares of the outputs plus a fixed
+    random projection of them (a sum of squares alone is constant for normalized outputs,
+    CLIP's features: its gradients would be rounding noise)."""
+    total = 0
+    for i, t in enumerate(tensors(out)):
+        if t.is_floating_point() and t.requires_grad:
+            w = torch.randn(t.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float32)
+            total = total + t.float().pow(2).sum() + (t.float() * w).sum()
+    return total
 
 
 def close(a, b) -> tuple[bool, str]:
@@ -197,14 +214,40 @@ def live_names(model, inputs) -> set[str]:
     return {n for n, p in probe.named_parameters(remove_duplicate=False) if p.grad is not None}
 
 
+def build(task: str, model_type: str, class_name: str) -> tuple[torch.nn.Module, dict]:
+    """The tiny model and its inputs: a transformers architecture, or a library's model
+    (``sweep_libraries.py``; ``task`` is the library)."""
+    if task in sl.LIBRARIES:
+        return sl.build(task, model_type)
+    model, cfg = sc.build_model(task, model_type, class_name)
+    return model, sc.make_inputs(task, model, cfg)
+
+
+def watched_weights(model, called: set[str], live: set[str]) -> dict[str, torch.Tensor]:
+    """``{name: weight}`` that must be adapted or named in a warning: every linear layer the
+    forward calls, and every linear layer's weight (or ``*proj_weight`` parameter) that the
+    forward reads some other way (a function that takes the weight: torchvision's fx-wrapped
+    window attention, ``F.linear(x, qkv.weight, bias)``, ``nn.MultiheadAttention``) and that
+    gets a gradient."""
+    out = {}
+    for path, m in model.named_modules():
+        if is_linear(m) and (path in called or any(n in live for n in (f"{path}.weight",))):
+            out[path] = m.weight
+    for name, p in model.named_parameters():
+        if name.endswith("proj_weight") and p.dim() == 2 and name in live:
+            out[name] = p
+    return out
+
+
 def run_one(task: str, model_type: str, class_name: str) -> dict:
     row: dict = {"task": task, "model_type": model_type, "class": class_name}
     stage = lambda s: print(MARK + "stage " + s, file=sys.stderr, flush=True)  # noqa: E731
     stage("base")
+    if task in sl.LIBRARIES and sl.unavailable(task):
+        return {**row, "outcome": "unavailable", "detail": f"cannot import {task}: {sl.unavailable(task)}"}
     try:
-        model, cfg = sc.build_model(task, model_type, class_name)
+        model, inputs = build(task, model_type, class_name)
         randomize_norms(model, torch.Generator().manual_seed(0))
-        inputs = sc.make_inputs(task, model, cfg)
         called: list[str] = []
         hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: called.append(n))
                  for n, m in model.named_modules() if is_linear(m)]
@@ -238,10 +281,10 @@ def run_one(task: str, model_type: str, class_name: str) -> dict:
         names: dict[int, list[str]] = {}
         for n, p in model.named_parameters(remove_duplicate=False):
             names.setdefault(id(p), []).append(n)
-        modules = dict(model.named_modules(remove_duplicate=False))
         skipped, dead = [], []
-        for path in sorted(called_set):
-            w = modules[path].weight
+        watched = watched_weights(model, called_set, live)
+        row["linear_read"] = len(watched)
+        for path, w in sorted(watched.items()):
             if id(w) not in ids and not any(named_in(n, text) for n in names.get(id(w), []) + [path]):
                 alive = any(n in live for n in names.get(id(w), []))
                 (skipped if alive else dead).append(path)
@@ -253,7 +296,7 @@ def run_one(task: str, model_type: str, class_name: str) -> dict:
         row["uncovered_named_in_warnings"] = len(others) - len(unnamed)
         row["uncovered_unnamed"] = unnamed[:8]
         if skipped:
-            raise Outcome("silent skip", f"{len(skipped)} called linear(s) neither adapted nor warned: " + ", ".join(skipped[:6]))
+            raise Outcome("silent skip", f"{len(skipped)} linear weight(s) read, neither adapted nor warned: " + ", ".join(skipped[:6]))
         stage("numerics")
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():
@@ -341,16 +384,17 @@ def launch(arch: tuple[str, str, str], timeout: float) -> dict:
     return row
 
 
-def report(rows: list[dict], out: Path) -> str:
+def report(rows: list[dict], out: Path, stem: str = "coverage_sweep") -> str:
     from tabulate import tabulate
 
     table = tabulate(
         [[r["task"], r["model_type"], r["outcome"], r.get("seconds"),
-          f"{r.get('sites_adapted', '-')}/{r.get('linear_called', '-')}", (r.get("detail") or "")[:80]] for r in rows],
-        headers=["task", "model_type", "outcome", "s", "adapted/called", "detail"])
+          f"{r.get('sites_adapted', '-')}/{r.get('linear_read', r.get('linear_called', '-'))}", (r.get("detail") or "")[:80]]
+         for r in rows],
+        headers=["task", "model_type", "outcome", "s", "adapted/read", "detail"])
     counts = {o: sum(r["outcome"] == o for r in rows) for o in OUTCOMES}
     line = ", ".join(f"{o} {n}" for o, n in counts.items())  # the line for the README
-    (out / "coverage_sweep.txt").write_text(table + "\n\n" + line + "\n")
+    (out / f"{stem}.txt").write_text(table + "\n\n" + line + "\n")
     return table + "\n\n" + line
 
 
@@ -361,6 +405,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds per architecture")
     parser.add_argument("--only", default="", help="model types, comma-separated")
     parser.add_argument("--quick", action="store_true", help=f"{len(QUICK)} diverse architectures")
+    parser.add_argument("--libraries", action="store_true",
+                        help=f"the {len(sl.MODELS)} models of other libraries (sweep_libraries.py) instead of transformers")
     parser.add_argument("--sample", type=int, default=0, metavar="N",
                         help="N architectures drawn at random (seed 0: the same N every time), for a run that fits an hour")
     parser.add_argument("--jobs", type=int, default=1)
@@ -369,8 +415,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.one:
         return child(args.one)
-    archs = sc.architectures()
-    if args.quick:
+    archs = [(lib, name, "") for lib, name in sl.MODELS] if args.libraries else sc.architectures()
+    if args.quick and not args.libraries:
         archs = [a for a in archs if a[:2] in QUICK]
     if args.only:
         wanted = set(args.only.split(","))
@@ -382,11 +428,12 @@ def main(argv=None) -> dict:
 
         picked = set(random.Random(0).sample(range(len(archs)), min(args.sample, len(archs))))
         archs = [a for i, a in enumerate(archs) if i in picked]
-    selection = ("quick" if args.quick else "") + (f" only {args.only}" if args.only else "") + \
+    selection = ("libraries" if args.libraries else "quick" if args.quick else "") + (f" only {args.only}" if args.only else "") + \
         (f" sample {args.sample} (seed 0)" if args.sample else "")
     selection = selection.strip() or "all"
     args.out.mkdir(parents=True, exist_ok=True)
-    log = args.out / "coverage_sweep.jsonl"
+    stem = "coverage_sweep_libraries" if args.libraries else "coverage_sweep"
+    log = args.out / f"{stem}.jsonl"
     rows = map(json.loads, log.read_text().splitlines()) if log.exists() else []
     done = {(r["task"], r["model_type"]): r for r in rows}
     if args.fresh:
@@ -413,14 +460,19 @@ def main(argv=None) -> dict:
     rows = [done[a[:2]] for a in archs if a[:2] in done]
     import transformers
 
-    summary = {"torch": torch.__version__, "transformers": transformers.__version__, "timeout_s": args.timeout,
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    if args.libraries:
+        for lib in sl.LIBRARIES:
+            mod = sys.modules.get(lib.replace("torch.nn", "torch"))
+            versions[lib] = getattr(mod, "__version__", None) if not sl.unavailable(lib) else f"unavailable: {sl.unavailable(lib)}"
+    summary = {**versions, "timeout_s": args.timeout,
                "selection": selection, "architectures_in_mappings": len(sc.architectures()),
                "counts": {o: sum(r["outcome"] == o for r in rows) for o in OUTCOMES}, "rows": rows}
-    (args.out / "coverage_sweep.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (args.out / f"{stem}.json").write_text(json.dumps(summary, indent=1) + "\n")
     if args.update_results:  # records what was run ("selection"): a sample says it is one
         (HERE / "results").mkdir(exist_ok=True)
-        (HERE / "results" / "coverage_sweep.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(report(rows, args.out))
+        (HERE / "results" / f"{stem}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(report(rows, args.out, stem))
     return summary
 
 
