@@ -15,6 +15,7 @@ from .adapters.files import AdapterFileError, load_adapter, save_adapter
 from .adapters.load import load
 from .adapters.peft import load_peft, save_peft
 from .adapters.stack import stack, unstack
+from .adapters.trainer import adapter_checkpoints
 from .analysis.patterns import PatternError
 from .compile import backend as _backend  # noqa: F401  (registers torch.compile(..., backend="onelora"))
 from .deploy.export import ExportError, export
@@ -49,6 +50,7 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "load",
+    "adapter_checkpoints",
     "stack",
     "unstack",
     "save_peft",

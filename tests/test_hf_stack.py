@@ -168,3 +168,33 @@ def test_adapter_params_follows_torchtune_s_protocol(capture):
     expected = ol.adapter_parameters(gm)
     assert found.keys() == expected.keys() and len(found) > 14
     assert all(found[k] is expected[k] for k in found)
+
+
+@pytest.mark.parametrize("capture", ["auto", "module"])
+def test_adapter_checkpoints_are_adapter_sized_and_resume_exactly(capture, tmp_path):
+    """6 AdamW steps with a linear schedule straight through, and 3 + resume from the
+    adapter-only checkpoint + 3: the same vectors (the optimizer, scheduler and RNG come
+    back through Trainer's own files, the vectors through the adapter file)."""
+    base = tiny_llama()
+
+    def run(out, resume=None):
+        gm = quiet_transform(base, "all-linear", capture=capture, example_kwargs={"input_ids": IDS}, train=("norm",))
+        args = transformers.TrainingArguments(
+            output_dir=str(out), per_device_train_batch_size=4, max_steps=6, learning_rate=0.05, optim="adamw_torch",
+            lr_scheduler_type="linear", report_to=[], save_strategy="steps", save_steps=3, logging_steps=1,
+            use_cpu=True, disable_tqdm=True, seed=0)
+        trainer = ol.adapter_checkpoints(transformers.Trainer(model=gm, args=args, train_dataset=Batches()))
+        trainer.train(resume_from_checkpoint=resume)
+        return gm
+
+    straight = run(tmp_path / "straight")
+    checkpoint = tmp_path / "straight" / "checkpoint-3"
+    names = {p.name for p in checkpoint.iterdir()}
+    assert "onelora_adapter.safetensors" in names and not names & {"model.safetensors", "pytorch_model.bin"}
+    adapter = ol.save_adapter(straight, tmp_path / "adapter.safetensors").stat().st_size
+    assert (checkpoint / "onelora_adapter.safetensors").stat().st_size <= 2 * adapter
+    resumed = run(tmp_path / "resumed", resume=str(checkpoint))
+    want, got = ol.adapter_parameters(straight), ol.adapter_parameters(resumed)
+    assert any(v.abs().max() > 0 for k, v in want.items() if k.endswith("onelora_b")), "trained"
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-7, msg=name)
