@@ -61,9 +61,11 @@ def test_the_graph_form_answers_for_the_models_attributes_and_refuses_its_method
     gm = quiet_transform(model, example_kwargs={"input_ids": IDS})
     assert gm.config is model.config and gm.loss_type == model.loss_type and gm.main_input_name == "input_ids"
     assert gm.generation_config is model.generation_config
-    for method in ("generate", "save_pretrained", "gradient_checkpointing_enable"):
+    for method in ("generate", "save_pretrained"):
         with pytest.raises(AttributeError, match=rf"'{method}' is a method of LlamaForCausalLM, which its graph form .*capture='module'"):
             getattr(gm, method)
+    with pytest.raises(NotImplementedError, match="no gradient checkpointing.*gradient_checkpointing=False.*capture='module'"):
+        gm.gradient_checkpointing_enable()
     with pytest.raises(AttributeError, match="graph form of LlamaForCausalLM .*has no attribute 'nope'"):
         gm.nope
 
@@ -198,3 +200,22 @@ def test_adapter_checkpoints_are_adapter_sized_and_resume_exactly(capture, tmp_p
     assert any(v.abs().max() > 0 for k, v in want.items() if k.endswith("onelora_b")), "trained"
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-7, msg=name)
+
+
+def test_save_pretrained_of_an_adapted_model_is_refused_and_the_ways_that_keep_b_round_trip(tmp_path):
+    """from_pretrained would load the vectors' checkpoint as the base model: refused. The
+    merged model's save_pretrained, and the adapter file through ol.load, round trip."""
+    model = tiny_llama()
+    gm = quiet_transform(model, "all-linear", capture="module", example_kwargs={"input_ids": IDS})
+    randomize_adapters(gm)
+    with pytest.raises(RuntimeError, match="dropping the 1LoRA vectors.*ol.save_adapter.*ol.merge"):
+        gm.save_pretrained(tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    want = gm(input_ids=IDS).logits
+    ol.merge(gm).save_pretrained(tmp_path / "merged")
+    back = type(model).from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(back(input_ids=IDS).logits, want, rtol=1e-5, atol=1e-5)
+    for capture in ("auto", "module"):
+        loaded = ol.load(model, ol.save_adapter(gm, tmp_path / "adapter.safetensors"), capture=capture,
+                         example_kwargs={"input_ids": IDS})
+        torch.testing.assert_close(loaded(input_ids=IDS).logits, want, rtol=1e-6, atol=1e-6)

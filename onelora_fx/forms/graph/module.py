@@ -29,6 +29,7 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -149,6 +150,10 @@ def _compile(root: nn.Module, graph: fx.Graph) -> Callable[..., Any]:
 #: the model's attributes a captured module never answers for it: it has its own
 #: (moved, cast or switched since), or they describe the model's own code
 _OWN_STATE = frozenset({"device", "dtype", "training", "forward"})
+#: parts of a transformers model that trainers run on their own (TRL's fused LM head runs
+#: ``base_model`` and then ``get_output_embeddings()``): answered by the module-form twin
+_TWIN = frozenset({"base_model", "get_output_embeddings", "get_input_embeddings", "get_decoder"})
+_TWIN_KEY = "_onelora_twin"
 
 
 class CapturedModule(fx.GraphModule):
@@ -169,6 +174,8 @@ class CapturedModule(fx.GraphModule):
             if name.startswith("_") or source is None:
                 raise
         model = source.model
+        if name in _TWIN and callable(getattr(type(model), "save_pretrained", None)):
+            return getattr(self.module_twin(), name)
         if name in _OWN_STATE:
             raise AttributeError(f"the graph form of {type(model).__name__} (a torch.fx.GraphModule) has no attribute "
                                  f"{name!r}: it is its own module (read its parameters' device and dtype)")
@@ -184,6 +191,55 @@ class CapturedModule(fx.GraphModule):
                 f"run without the adapter. Adapt with capture='module' (the model's own class, with generate(), "
                 f"save_pretrained() and gradient checkpointing), or merge into the model (ol.merge(gm, inplace=True))")
         return value
+
+    def module_twin(self) -> nn.Module:
+        """The module form of the same model and sites, sharing this module's 1LoRA vectors
+        and ``train=`` extras (the same Parameter objects: what it trains, this module has
+        trained). Built on first use; what answers for the parts of a transformers model
+        a trainer runs on their own (``base_model``, ``get_output_embeddings()``)."""
+        twin = self.__dict__.get(_TWIN_KEY)
+        state = get_state(self)
+        if twin is not None or state is None:
+            return twin if twin is not None else self
+        from ...query import adapter_parameters
+        from ...transform import transform
+
+        weights = {s.weight_name for s in state.sites if s.adapted}
+        with warnings.catch_warnings():  # the sites are this module's, checked below: no examples needed
+            warnings.filterwarnings("ignore", message=".*no example inputs were given.*")
+            twin = transform(self.shadow(), lambda site: site.weight_name in weights, capture="module",
+                             train=state.train)
+        mine, theirs = adapter_parameters(self), adapter_parameters(twin)
+        if mine.keys() != theirs.keys():
+            raise RuntimeError(f"the module form of {type(self.source.model).__name__} adapts other tensors "
+                               f"({sorted(mine.keys() ^ theirs.keys())[:4]}) than its graph form: use capture='module'")
+        for name, p in mine.items():
+            owner, _, leaf = name.rpartition(".")
+            (twin.get_submodule(owner) if owner else twin)._parameters[leaf] = p
+        twin.train(self.training)
+        self.__dict__[_TWIN_KEY] = twin
+        return twin
+
+    def train(self, mode: bool = True) -> "CapturedModule":  # type: ignore[override]
+        twin = self.__dict__.get(_TWIN_KEY)
+        if twin is not None:
+            twin.train(mode)
+        return super().train(mode)
+
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """The graph form has no per-layer activation checkpointing: say what to do
+        (Trainer and TRL call this when ``gradient_checkpointing=True``, TRL's default)."""
+        raise NotImplementedError(
+            f"the graph form of {type(self.source.model).__name__} has no gradient checkpointing (its graph is one "
+            "captured call, not the model's layers): pass gradient_checkpointing=False (TrainingArguments, or "
+            "SFTConfig, where TRL's default is True), or adapt with capture='module', whose layers are the model's own")
+
+    def add_model_tags(self, tags: Any) -> None:
+        """transformers' hub tags (TRL adds its own), kept on this module: the model is
+        the user's and is not changed."""
+        tags = [tags] if isinstance(tags, str) else list(tags)
+        current = list(self.__dict__.get("model_tags") or getattr(self.source.model, "model_tags", None) or [])
+        self.__dict__["model_tags"] = current + [t for t in tags if t not in current]
 
     def adapter_params(self) -> list[str]:
         """torchtune's ``AdapterModule`` protocol: the names of the parameters to train
@@ -405,6 +461,7 @@ class CapturedModule(fx.GraphModule):
             state = get_state(self)
             after_move(self, state.vectors if state else (), state.model if state else source.model if source else None)
         self.__dict__.pop(_FX_TRAINING, None)  # captured again, on the moved tensors, when needed
+        self.__dict__.pop(_TWIN_KEY, None)
         if (devices or dtypes) and source is not None and source.method is Capture.EXPORT:
             self.__dict__[_STALE] = {"devices": devices, "dtypes": dtypes}
             self.__dict__.pop(_MORE, None)

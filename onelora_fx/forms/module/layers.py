@@ -225,12 +225,32 @@ def _subclass(base: type, kind: str) -> type:
                 "_onelora_rebuild": staticmethod(_subclass)}
         if kind in _FORWARDS:  # "root" keeps the model's forward
             body["forward"] = _FORWARDS[kind](base)
+        if kind == "root" and callable(getattr(base, "save_pretrained", None)):
+            body["save_pretrained"] = _save_pretrained(base)
         elif kind == "stack":
             body["forward"] = _with_ids(base)
         bases = (base,) if issubclass(base, _OneLoRA) else (_OneLoRA, base)  # a stack of an adapted root
         cls = type(base.__name__, bases, body)
         _CLASSES[(id(base), kind)] = cls
     return cls
+
+
+def _save_pretrained(base: type) -> Any:
+    def save_pretrained(self: nn.Module, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``save_pretrained`` would write a checkpoint whose 1LoRA vectors
+        ``from_pretrained`` drops without a word: refused, with the two ways that keep them.
+        ``Trainer`` (which passes ``state_dict``) still writes its checkpoints, which its
+        resume loads into the adapted module."""
+        if kwargs.get("state_dict") is not None:
+            return base.save_pretrained(self, save_directory, *args, **kwargs)
+        raise RuntimeError(
+            f"save_pretrained() of an adapted {base.__name__} would write a checkpoint that from_pretrained() "
+            "loads as the base model, dropping the 1LoRA vectors. Save the adapter (ol.save_adapter(gm, path); load it "
+            "back with ol.load(base_model, path)), or the fine-tuned model: ol.merge(gm, inplace=True), then "
+            "model.save_pretrained(...) on the model you transformed; for Trainer checkpoints, "
+            "ol.adapter_checkpoints(trainer)")
+
+    return save_pretrained
 
 
 def adapt_root(m: nn.Module) -> None:
