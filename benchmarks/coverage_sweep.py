@@ -462,9 +462,17 @@ def main(argv=None) -> dict:
 
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}
     if args.libraries:
-        for lib in sl.LIBRARIES:
-            mod = sys.modules.get(lib.replace("torch.nn", "torch"))
-            versions[lib] = getattr(mod, "__version__", None) if not sl.unavailable(lib) else f"unavailable: {sl.unavailable(lib)}"
+        from importlib import metadata
+
+        dists = {"timm": "timm", "torchvision": "torchvision", "open_clip": "open_clip_torch", "diffusers": "diffusers",
+                 "torchtune": "torchtune"}
+        for lib, dist in dists.items():
+            try:
+                versions[lib] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                versions[lib] = None
+            if versions[lib] and sl.unavailable(lib):
+                versions[lib] += f" (cannot be imported: {sl.unavailable(lib)})"
     summary = {**versions, "timeout_s": args.timeout,
                "selection": selection, "architectures_in_mappings": len(sc.architectures()),
                "counts": {o: sum(r["outcome"] == o for r in rows) for o in OUTCOMES}, "rows": rows}

@@ -66,7 +66,8 @@ class AdapterState:
     pattern: str
     #: how the model was captured (``fx``, ``export`` or ``module``): the form
     method: str
-    train: tuple[Extra, ...] = ()
+    #: ``train=`` extras: :class:`Extra` values, and module names or globs trained in full
+    train: tuple[Any, ...] = ()
     #: trained extras: name in the adapted module -> the model's tensor it was copied
     #: from (training never writes to the model; ``merge(inplace=True)`` does)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)

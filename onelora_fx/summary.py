@@ -82,7 +82,7 @@ def summary(gm: nn.Module, *, tablefmt: str = "simple") -> str:
         f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.4f}%)",
     ]
     if state and state.train:
-        lines.append("also trained: " + ", ".join(e.value for e in state.train))
+        lines.append("also trained: " + ", ".join(getattr(e, "value", e) for e in state.train))
     if state is not None and state.accounting is not None:  # before the two lines most read last
         lines[2:2] = weight_lines(state.accounting, found)
     return "\n".join(lines)

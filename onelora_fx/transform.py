@@ -8,6 +8,7 @@ the public API.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import time
 import warnings
@@ -38,18 +39,26 @@ log = logging.getLogger(__name__)
 Train = Union[str, Extra, Iterable[Union[str, Extra]]]
 
 
-def _extras(train: Train) -> tuple[Extra, ...]:
+def _extras(train: Train) -> tuple[Union[Extra, str], ...]:
+    """``train=`` items: an :class:`Extra`, or any other string naming modules to train in
+    full (PEFT's ``modules_to_save``: a bare module name at any depth, or a glob on paths)."""
     items = [train] if isinstance(train, (str, Extra)) else list(train)
-    out = []
+    out: list[Union[Extra, str]] = []
     for item in items:
         try:
             out.append(Extra(item))
         except ValueError:
-            raise ValueError(
-                f"train={item!r} is not one of {[e.value for e in Extra]}: 'bias' (BitFit), "
-                "'norm' (normalization layers), 'head' (the output head, in full)"
-            ) from None
+            if not isinstance(item, str) or not item:
+                raise TypeError(f"train= takes 'bias', 'norm', 'head' or module names / globs, got {item!r}") from None
+            out.append(item)
     return tuple(dict.fromkeys(out))
+
+
+def _modules_named(model: nn.Module, pattern: str) -> list[str]:
+    """Module paths a ``train=`` name selects: as a site pattern reads a bare name or glob."""
+    bare = not any(c in pattern for c in ".*?[]")
+    return [path for path, _ in model.named_modules() if path and (
+        (path == pattern or path.endswith("." + pattern)) if bare else fnmatch.fnmatchcase(path, pattern))]
 
 
 def _is_norm(m: nn.Module) -> bool:
@@ -57,7 +66,7 @@ def _is_norm(m: nn.Module) -> bool:
     return "norm" in type(m).__name__.lower()
 
 
-def _extra_names(root: nn.Module, model: nn.Module, found: Sequence[LinearSite], extras: tuple[Extra, ...]) -> list[str]:
+def _extra_names(root: nn.Module, model: nn.Module, found: Sequence[LinearSite], extras: tuple[Union[Extra, str], ...]) -> list[str]:
     """Names (in ``root``) of the parameters that ``extras`` ask to train."""
     present = dict(root.named_parameters(remove_duplicate=False))
     names: list[str] = []
@@ -75,6 +84,15 @@ def _extra_names(root: nn.Module, model: nn.Module, found: Sequence[LinearSite],
             names.append(s.weight_name)
             if s.has_bias and join(s.owner, "bias") in present:
                 names.append(join(s.owner, "bias"))
+    for pattern in (e for e in extras if not isinstance(e, Extra)):
+        paths = _modules_named(model, pattern)
+        if not paths:
+            raise ValueError(
+                f"train={pattern!r} is neither one of {[e.value for e in Extra]} ('bias': BitFit, 'norm': "
+                "normalization layers, 'head': the output head) nor the name or glob of a module of "
+                f"{type(model).__name__}: pass a module name such as 'score' or a glob such as '*.classifier'")
+        for path in paths:
+            names += [join(path, n) for n, _ in model.get_submodule(path).named_parameters()]
     return [n for n in dict.fromkeys(names) if n in present]
 
 
@@ -238,7 +256,8 @@ def transform(
     trainable ``b`` (zeros) per weight, registered next to it (``<owner>.onelora_b``).
     Base parameters are shared with ``model`` (the same storage, no copy) in Parameter
     objects of the result's own, which are frozen; ``train`` adds trainable copies of
-    ``"bias"``, ``"norm"`` or ``"head"`` parameters. ``model`` itself is never changed
+    ``"bias"``, ``"norm"`` or ``"head"`` parameters, or of every parameter of the modules
+    a name or glob selects (PEFT's ``modules_to_save``: ``train=("score",)``). ``model`` itself is never changed
     (its ``requires_grad``, dtype, device, hooks and modes stay as they were).
 
     The result is a ``torch.fx.GraphModule`` (the graph form) when a graph capture works

@@ -103,24 +103,27 @@ def test_a_decoder_classifier_s_score_layer_is_the_head_and_trains_in_full(name)
     assert torch.equal(model.score.weight, before), "the model's own head is untouched"
 
 
-PEFT_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"]}
+PEFT_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"],
+                "llama-regex": r".*layers\.1\..*_proj", "bert-regex": r".*attention\.self\.(query|key)"}
 
 
 @pytest.mark.parametrize("name", sorted(PEFT_TARGETS))
 def test_peft_style_bare_names_select_what_peft_selects(name):
-    """A list of bare module names selects the modules PEFT's own ``target_modules``
-    matching selects (``peft.tuners.tuners_utils.check_target_module_exists``)."""
+    """A list of bare module names, and a regex string (``re:`` here, a plain string in
+    PEFT), select the modules PEFT's own ``target_modules`` matching selects
+    (``peft.tuners.tuners_utils.check_target_module_exists``)."""
     pytest.importorskip("peft")
     from peft import LoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists
 
     from onelora_fx.tools import zoo
 
-    model, args, kwargs = zoo.build(f"{name}-tiny")
+    model, args, kwargs = zoo.build(f"{name.split('-')[0]}-tiny")
     targets = PEFT_TARGETS[name]
+    ours_pattern = f"re:{targets}" if isinstance(targets, str) else targets
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        found = ol.sites(model, targets, example_inputs=args or None, example_kwargs=kwargs or None)
+        found = ol.sites(model, ours_pattern, example_inputs=args or None, example_kwargs=kwargs or None)
     ours = {s.owner for s in found if s.selected}
     config = LoraConfig(target_modules=targets)
     theirs = {n for n, m in model.named_modules()
@@ -219,3 +222,22 @@ def test_save_pretrained_of_an_adapted_model_is_refused_and_the_ways_that_keep_b
         loaded = ol.load(model, ol.save_adapter(gm, tmp_path / "adapter.safetensors"), capture=capture,
                          example_kwargs={"input_ids": IDS})
         torch.testing.assert_close(loaded(input_ids=IDS).logits, want, rtol=1e-6, atol=1e-6)
+
+
+def test_train_takes_module_names_as_peft_s_modules_to_save(tmp_path):
+    """``train=("score",)`` trains a classifier's new head in full (a ``b 1ᵀ`` update cannot
+    learn one), is saved with the adapter and loaded back by ``ol.load``; an unknown name
+    says what ``train=`` takes."""
+    model = _classifier("llama")
+    ids = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    gm = quiet_transform(model, "all-linear", example_kwargs={"input_ids": ids}, train=("score",))
+    trained = ol.adapter_parameters(gm)
+    assert "score.weight" in trained and trained["score.weight"].requires_grad
+    assert "score.weight" not in {s.weight_name for s in ol.sites(gm) if s.adapted}, "the head is trained, not adapted"
+    with torch.no_grad():
+        trained["score.weight"].add_(1.0)
+    assert not torch.equal(model.score.weight, trained["score.weight"]), "a copy: the model's head is unchanged"
+    loaded = ol.load(model, ol.save_adapter(gm, tmp_path / "a.safetensors"), example_kwargs={"input_ids": ids})
+    assert torch.equal(loaded(input_ids=ids).logits, gm(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="train='scorer' is neither.*nor the name or glob of a module"):
+        quiet_transform(model, "all-linear", example_kwargs={"input_ids": ids}, train=("scorer",))

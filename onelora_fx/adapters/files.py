@@ -49,7 +49,7 @@ def _metadata(module: nn.Module) -> dict[str, str]:
     return {
         "format": FORMAT,
         "pattern": state.pattern if state else "unknown",
-        "train": json.dumps([e.value for e in state.train] if state else []),
+        "train": json.dumps([getattr(e, "value", e) for e in state.train] if state else []),
         "sites": json.dumps(sites),
     }
 

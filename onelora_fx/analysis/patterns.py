@@ -9,12 +9,14 @@ A pattern is one of
   top-level ``q_proj``), never ``lm_q_proj``,
 * any other string: a glob (``fnmatch``, ``*`` crosses dots) on :attr:`LinearSite.name`,
   e.g. ``"*.q_proj"``, ``"encoder.layer.*.attention.*"``,
-* a compiled regex (``re.compile(...)``), matched with ``fullmatch`` on the name,
+* a compiled regex (``re.compile(...)``), or a string ``"re:<regex>"``, matched with
+  ``fullmatch`` on the name (PEFT reads a ``target_modules`` string as such a regex),
 * a callable ``LinearSite -> bool``,
 * a list or tuple of these (a site is chosen when any of them chooses it).
 
-There is exactly one meaning per form: a string is never a regex (pass ``re.compile``),
-and a list means "any of these", each item read by its own form.
+There is exactly one meaning per form: a string is a regex only with the ``re:`` prefix
+(a glob such as ``*.q_proj`` is no regex), and a list means "any of these", each item
+read by its own form.
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ def compile_pattern(pattern: Pattern) -> Predicate:
     if isinstance(pattern, str):
         if pattern in PRESETS:
             return PRESETS[pattern]
+        if pattern.startswith("re:"):
+            try:
+                return compile_pattern(re.compile(pattern[3:]))
+            except re.error as e:
+                raise PatternError(f"{pattern!r} is not a regular expression ({e})") from None
         if _BARE.fullmatch(pattern):  # a module's own name, at any depth (PEFT's target_modules)
             return lambda site: site.name == pattern or site.name.endswith("." + pattern)
         glob = pattern
