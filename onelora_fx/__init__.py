@@ -20,6 +20,7 @@ from .analysis.patterns import PatternError
 from .compile import backend as _backend  # noqa: F401  (registers torch.compile(..., backend="onelora"))
 from .deploy.export import ExportError, export
 from .deploy.merge import merge, unmerge
+from .deploy.offline import merge_checkpoint
 from .fold import MergeError
 from .forms.graph.capture import CaptureError
 from .forms.graph.module import MoveError
@@ -44,6 +45,7 @@ __all__ = [
     "disabled",
     "merge",
     "unmerge",
+    "merge_checkpoint",
     "MergeError",
     "export",
     "ExportError",

@@ -18,7 +18,7 @@ def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "onelora_fx", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
 
-@pytest.mark.parametrize("args", [["--help"], ["inspect", "--help"], ["demo", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["inspect", "--help"], ["merge", "--help"], ["demo", "--help"]])
 def test_help(args):
     r = cli(*args)
     assert r.returncode == 0 and "usage: onelora-fx" in r.stdout
@@ -123,3 +123,25 @@ def test_a_failing_user_factory_is_one_line(args, message, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.startswith("onelora-fx: error:")]
     assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_merge_command_writes_the_merged_checkpoint_and_bad_input_is_one_line(tmp_path):
+    import torch
+
+    import onelora_fx as ol
+    from toolkit import quiet_transform, tiny_llama
+    from reference import randomize_adapters
+
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "base", max_shard_size="60KB")
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    gm = quiet_transform(model, "all-linear", capture="module", example_kwargs={"input_ids": ids})
+    randomize_adapters(gm)
+    adapter = ol.save_adapter(gm, tmp_path / "a.safetensors")
+    r = cli("merge", str(tmp_path / "base"), str(adapter), str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    shards = len(list((tmp_path / "base").glob("*.safetensors")))
+    assert r.stderr.count("merged model-") == shards > 1 and f"wrote {tmp_path / 'out'}" in r.stdout
+    assert (tmp_path / "out" / "config.json").is_file()
+    r = cli("merge", str(tmp_path / "nowhere"), str(adapter), str(tmp_path / "out2"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "holds no .safetensors checkpoint" in r.stderr

@@ -331,3 +331,63 @@ def test_unmerge_refuses_an_in_place_merge_and_a_module_that_was_not_merged():
     merged = ol.merge(gm, inplace=True)
     with pytest.raises(ol.MergeError, match="merged in place.*not give them back bit for bit"):
         ol.unmerge(merged)
+
+
+def _safetensors_folder(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(shard)))
+    return out
+
+
+@pytest.mark.parametrize("adapter", ["file", "peft"])
+def test_merge_checkpoint_folds_a_sharded_checkpoint_as_merge_does(adapter, tmp_path):
+    """Shard by shard from the files, equal bit for bit to ol.merge of the adapted model
+    (folded weights and trained norms), and from_pretrained of it gives the merged logits."""
+    transformers = pytest.importorskip("transformers")
+    from toolkit import randomize_norms, tiny_llama
+
+    model = randomize_norms(tiny_llama()).eval()
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(tmp_path / "base", max_shard_size="40KB")
+    assert len(list((tmp_path / "base").glob("*.safetensors"))) > 2, "a sharded checkpoint"
+    train = ("norm",) if adapter == "file" else ()
+    gm = quiet_transform(model, "all-linear", capture="module", example_kwargs={"input_ids": ids}, train=train)
+    randomize_adapters(gm)
+    if adapter == "file":
+        with torch.no_grad():
+            gm.get_parameter("model.norm.weight").mul_(1.5)
+        path = ol.save_adapter(gm, tmp_path / "adapter.safetensors")
+    else:
+        path = ol.save_peft(gm, tmp_path / "peft")
+        gm = ol.load(model, path, capture="module", example_kwargs={"input_ids": ids})  # what PEFT's file holds
+    merged = ol.merge(gm)
+    out = ol.merge_checkpoint(tmp_path / "base", path, tmp_path / "merged")
+    got, want = _safetensors_folder(out), merged.state_dict()
+    assert got.keys() <= want.keys()
+    changed = [k for k in got if not torch.equal(got[k], model.state_dict()[k])]
+    assert len(changed) >= 14, "the adapted weights (and trained norm) changed"
+    for key, value in got.items():
+        assert torch.equal(value, want[key]), key
+    back = transformers.LlamaForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(back(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_merge_checkpoint_refuses_without_writing_anything(tmp_path):
+    pytest.importorskip("transformers")
+    from toolkit import tiny_llama
+
+    model = tiny_llama(tie_word_embeddings=True)
+    model.save_pretrained(tmp_path / "base")
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    gm = quiet_transform(model, "all", capture="module", example_kwargs={"input_ids": ids})  # the tied head too
+    path = ol.save_adapter(gm, tmp_path / "adapter.safetensors")
+    with pytest.raises(ol.AdapterFileError, match="lm_head.weight, which .* does not store.*ol.merge"):
+        ol.merge_checkpoint(tmp_path / "base", path, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists() and not list(tmp_path.glob(".merged*"))
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("")
+    with pytest.raises(FileExistsError, match="not an empty folder"):
+        ol.merge_checkpoint(tmp_path / "base", path, tmp_path / "taken")

@@ -1,7 +1,9 @@
-"""``onelora-fx``: inspect a model's linear sites, or run the end-to-end demo.
+"""``onelora-fx``: inspect a model's linear sites, merge an adapter into a checkpoint, or
+run the end-to-end demo.
 
     onelora-fx inspect llama-tiny --pattern "*.q_proj" --pattern "*.v_proj"
     onelora-fx inspect mypackage.models:build --exclude "re:.*head.*"
+    onelora-fx merge llama-8b adapter.safetensors llama-8b-finetuned
     onelora-fx demo
 
 A bad model spec or pattern exits with status 2 and one line on stderr.
@@ -161,6 +163,19 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from ..adapters.files import AdapterFileError
+    from ..deploy.offline import merge_checkpoint
+    from ..fold import MergeError
+
+    try:
+        out = merge_checkpoint(args.base, args.adapter, args.out, progress=lambda line: print(line, file=sys.stderr))
+    except (FileNotFoundError, FileExistsError, AdapterFileError, MergeError) as e:
+        raise UsageError(_first(e)) from None
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onelora-fx", description="1LoRA fine-tuning as a PyTorch graph pass.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -174,6 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", action="append", help="glob on site names, 'all-linear' (default), 'all', or re:REGEX; repeatable")
     p.add_argument("--exclude", action="append", help="same syntax; sites to leave out")
     p.set_defaults(run=_inspect)
+    m = sub.add_parser(
+        "merge",
+        help="fold an adapter into a safetensors checkpoint, shard by shard",
+        description="Write BASE (a safetensors checkpoint folder) with ADAPTER (an onelora_fx adapter file or a PEFT "
+        "1LoRA folder) folded in, to the new folder OUT, holding one shard in memory at a time.",
+    )
+    m.add_argument("base", metavar="BASE", help="checkpoint folder (model.safetensors or its shards and index)")
+    m.add_argument("adapter", metavar="ADAPTER", help="adapter file (ol.save_adapter) or PEFT folder (ol.save_peft)")
+    m.add_argument("out", metavar="OUT", help="new folder for the merged checkpoint")
+    m.set_defaults(run=_merge)
     d = sub.add_parser(
         "demo",
         help="pretrain, fine-tune with 1LoRA, merge, export and check, on handwritten digits",
