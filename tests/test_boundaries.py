@@ -104,7 +104,7 @@ def test_compiled_and_exported_stacks_check_adapter_ids(stacks, tmp_path):
     compiled = torch.compile(multi["graph"], backend="onelora", dynamic=True)
     assert_close(compiled(input_ids=TOKENS, adapter_ids=good).logits, expected_rows(model, singles, good), torch.float32)
     program = ol.export(multi["graph"], example_kwargs={"input_ids": TOKENS, "adapter_ids": good}).module()
-    assert_close(program(input_ids=TOKENS, adapter_ids=good).logits, expected_rows(model, singles, good), torch.float32)
+    assert_close(program(input_ids=TOKENS, adapter_ids=good)["logits"], expected_rows(model, singles, good), torch.float32)
     for run in (compiled, program):
         for bad in (torch.full((BATCH,), -2), torch.full((BATCH,), 2)):
             with pytest.raises(RuntimeError, match=r"adapter_ids must be in \[-1, 1\]"):

@@ -391,3 +391,37 @@ def test_merge_checkpoint_refuses_without_writing_anything(tmp_path):
     (tmp_path / "taken" / "x").write_text("")
     with pytest.raises(FileExistsError, match="not an empty folder"):
         ol.merge_checkpoint(tmp_path / "base", path, tmp_path / "taken")
+
+
+def test_a_pt2_of_a_transformers_model_loads_where_only_torch_is_imported(tmp_path):
+    """Its outputs are plain dicts (no ModelOutput pytree node recorded): a fresh process
+    that imports torch alone loads and runs it; outputs='model' keeps the model's class."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers")
+    from toolkit import tiny_llama
+
+    model = tiny_llama()
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    gm = quiet_transform(model, "all-linear", example_kwargs={"input_ids": ids})
+    randomize_adapters(gm)
+    ol.export(gm, example_kwargs={"input_ids": ids}, path=tmp_path / "model.pt2")
+    other = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(1))
+    torch.save({"ids": other, "logits": gm(input_ids=other).logits.detach()}, tmp_path / "check.pt")
+    script = (
+        "import sys, torch\n"
+        f"program = torch.export.load({str(tmp_path / 'model.pt2')!r}).module()\n"
+        f"check = torch.load({str(tmp_path / 'check.pt')!r})\n"
+        "out = program(input_ids=check['ids'])\n"
+        "assert type(out) is dict, type(out)\n"
+        "torch.testing.assert_close(out['logits'], check['logits'], rtol=1e-5, atol=1e-5)\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] in ('transformers', 'onelora_fx')]\n"
+        "print('ok')\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"})
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+    kept = ol.export(gm, example_kwargs={"input_ids": ids}, outputs="model").module()(input_ids=other)
+    assert type(kept).__name__ == "CausalLMOutputWithPast"
+    with pytest.raises(ValueError, match="outputs='dict'.*'plain'.*'model'"):
+        ol.export(gm, example_kwargs={"input_ids": ids}, outputs="dict")

@@ -191,7 +191,7 @@ def test_training_moves_expert_vectors_then_merge_export_and_files_agree(moe, tm
     path = tmp_path / "moe.pt2"
     ol.export(merged, example_kwargs={"input_ids": ids}, path=path)
     other = torch.randint(0, VOCAB, (3, 6))
-    torch.testing.assert_close(torch.export.load(str(path)).module()(input_ids=other).logits,
+    torch.testing.assert_close(torch.export.load(str(path)).module()(input_ids=other)["logits"],
                                gm(input_ids=other).logits.detach(), rtol=tol["rtol"], atol=atol)
     if experts == "eager":
         merged.set_experts_implementation("eager")

@@ -204,8 +204,8 @@ def _run(quick: bool, out_dir: str | Path) -> dict:
     reloaded = torch.export.load(str(path)).module()
     adapted.eval()
     with torch.no_grad():
-        diff = (reloaded(pixel_values=xt_test).logits - adapted(pixel_values=xt_test).logits).abs().max().item()
-        reloaded_acc = (reloaded(pixel_values=xt_test).logits.argmax(-1) == ys_test).float().mean().item()
+        diff = (reloaded(pixel_values=xt_test)["logits"] - adapted(pixel_values=xt_test).logits).abs().max().item()
+        reloaded_acc = (reloaded(pixel_values=xt_test)["logits"].argmax(-1) == ys_test).float().mean().item()
 
     for name, r in results.items():
         rows.append((name, f"{r['trainable']:,}", f"{r['step_ms']:.1f}", f"{r['memory'] / 2**20:.2f}", f"{100 * r['accuracy']:.1f}%"))
