@@ -18,7 +18,7 @@ from .adapters.stack import stack, unstack
 from .adapters.trainer import adapter_checkpoints
 from .analysis.patterns import PatternError
 from .compile import backend as _backend  # noqa: F401  (registers torch.compile(..., backend="onelora"))
-from .deploy.export import ExportError, export
+from .deploy.export import ExportError, export, export_onnx
 from .deploy.merge import merge, unmerge
 from .deploy.offline import merge_checkpoint
 from .fold import MergeError
@@ -48,6 +48,7 @@ __all__ = [
     "merge_checkpoint",
     "MergeError",
     "export",
+    "export_onnx",
     "ExportError",
     "save_adapter",
     "load_adapter",

@@ -26,6 +26,7 @@ from torch import fx
 
 __all__ = [
     "CONVENTIONS",
+    "aoti_compile_and_package",
     "GROUPED_MM",
     "HigherOrderOperator",
     "REGIONS",
@@ -50,8 +51,9 @@ __all__ = [
 ]
 
 #: private names used outside this file by convention (see the module docstring)
+# (and a named tuple's ``_fields``: the documented way to read its field names)
 CONVENTIONS = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_apply",
-                         "_init_weights"})
+                         "_init_weights", "_fields"})
 
 # torch.utils._pytree: export records a model's input and output structure as its
 # TreeSpec; flattening a call the same way is how a call meets its graph. There is no
@@ -189,6 +191,15 @@ def is_dtensor(t: object) -> bool:
     it is loaded)."""
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(t, module.DTensor)
+
+
+def aoti_compile_and_package(program: Any, path: str) -> str:
+    """``torch._inductor.aoti_compile_and_package``: AOTInductor's packaging entry point as
+    torch's AOTInductor documentation gives it (private by name, no public alias in torch
+    2.13). Imported on use: importing Inductor takes seconds."""
+    import torch._inductor
+
+    return torch._inductor.aoti_compile_and_package(program, package_path=path)
 
 
 def is_fsdp_module(m: object) -> bool:

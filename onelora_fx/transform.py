@@ -88,9 +88,9 @@ def _extra_names(root: nn.Module, model: nn.Module, found: Sequence[LinearSite],
         paths = _modules_named(model, pattern)
         if not paths:
             raise ValueError(
-                f"train={pattern!r} is neither one of {[e.value for e in Extra]} ('bias': BitFit, 'norm': "
-                "normalization layers, 'head': the output head) nor the name or glob of a module of "
-                f"{type(model).__name__}: pass a module name such as 'score' or a glob such as '*.classifier'")
+                f"train={pattern!r} is neither one of 'bias' (BitFit), 'norm' (normalization layers), 'head' (the "
+                f"output head) nor the name or glob of a module of {type(model).__name__}: pass one of those, a module "
+                "name such as 'score' or a glob such as '*.classifier'")
         for path in paths:
             names += [join(path, n) for n, _ in model.get_submodule(path).named_parameters()]
     return [n for n in dict.fromkeys(names) if n in present]

@@ -18,7 +18,7 @@ def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "onelora_fx", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
 
-@pytest.mark.parametrize("args", [["--help"], ["inspect", "--help"], ["merge", "--help"], ["demo", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["inspect", "--help"], ["merge", "--help"], ["export", "--help"], ["demo", "--help"]])
 def test_help(args):
     r = cli(*args)
     assert r.returncode == 0 and "usage: onelora-fx" in r.stdout
@@ -145,3 +145,24 @@ def test_merge_command_writes_the_merged_checkpoint_and_bad_input_is_one_line(tm
     assert (tmp_path / "out" / "config.json").is_file()
     r = cli("merge", str(tmp_path / "nowhere"), str(adapter), str(tmp_path / "out2"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "holds no .safetensors checkpoint" in r.stderr
+
+
+def test_export_command_writes_a_program_of_the_adapted_model(tmp_path):
+    import torch
+
+    import onelora_fx as ol
+    from onelora_fx.tools import zoo
+    from reference import randomize_adapters
+    from toolkit import quiet_transform
+
+    model, _, kwargs = zoo.build("llama-tiny")
+    gm = quiet_transform(model, "all-linear", example_kwargs=kwargs)
+    randomize_adapters(gm)
+    adapter = ol.save_adapter(gm, tmp_path / "a.safetensors")
+    r = cli("export", "llama-tiny", str(adapter), "--out", str(tmp_path / "m.pt2"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "wrote" in r.stdout and "adapter merged" in r.stdout
+    program = torch.export.load(str(tmp_path / "m.pt2")).module()
+    torch.testing.assert_close(program(**kwargs)["logits"], gm(**kwargs).logits, rtol=1e-5, atol=1e-5)
+    r = cli("export", "llama-tiny", str(tmp_path / "missing.safetensors"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing.safetensors" in r.stderr

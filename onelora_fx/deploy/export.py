@@ -19,11 +19,16 @@ import torch
 from torch import nn
 
 from ..forms.graph.capture import SharedView, auto_dynamic_shapes, exportable, why_export_failed
+from .. import ops
 from .merge import merge
-from ..query import is_adapted
+from ..query import adapter_parameters, is_adapted
 from ..state import get_state
 
-__all__ = ["export", "ExportError"]
+__all__ = ["export", "export_onnx", "ExportError", "ADAPTERS"]
+
+#: the keyword of a program exported with ``adapters="inputs"``: ``{name: tensor}`` of
+#: every trained tensor (names as :func:`onelora_fx.adapter_parameters` gives them)
+ADAPTERS = "adapters"
 
 
 class ExportError(RuntimeError):
@@ -52,6 +57,34 @@ def plain(value: Any) -> Any:
     return value
 
 
+def _decomposed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], b: torch.Tensor,
+                       transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``onelora::linear`` in plain ops (the paper's Listing 1), with its second output,
+    ``x.sum(-1)``: what ONNX and ExecuTorch lower, having no kernel of ours."""
+    return ops.decompose(x, weight, bias, b, transposed), x.sum(-1, dtype=ops._s_dtype(x.dtype))
+
+
+def _adapters_as_inputs(module: nn.Module, names: Sequence[str]) -> nn.Module:
+    """A view of ``module`` that takes its trained tensors as the keyword ``adapters``."""
+    from torch.func import functional_call
+
+    try:
+        signature = inspect.signature(module.forward)
+        params = list(signature.parameters.values())
+        at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+        params.insert(at, inspect.Parameter(ADAPTERS, inspect.Parameter.KEYWORD_ONLY))
+        signature = signature.replace(parameters=params)
+    except (TypeError, ValueError):
+        signature = None
+
+    def forward(*args: Any, adapters: dict[str, torch.Tensor], **kwargs: Any) -> Any:
+        if set(adapters) != set(names):
+            raise ValueError(f"{ADAPTERS}= needs exactly the tensors {sorted(names)[:3]}...; got {sorted(adapters)[:3]}...")
+        return functional_call(module, adapters, args, kwargs)
+
+    return SharedView(module, forward, signature)
+
+
 def _plain_outputs(module: nn.Module) -> nn.Module:
     """A view of ``module`` (same parameters and names) whose outputs are :func:`plain`."""
     try:
@@ -69,6 +102,7 @@ def export(
     *,
     dynamic: bool = True,
     outputs: str = "plain",
+    adapters: str = "merged",
 ) -> torch.export.ExportedProgram:
     """Merge ``gm`` (without changing it), export the result, and save it at ``path``.
 
@@ -81,6 +115,12 @@ def export(
     torch's pytree does not know) as a dict of its fields: ``out["logits"]``, and the
     file loads where only torch is imported. ``outputs="model"`` keeps the model's own
     output classes (``out.logits``); loading then needs their library imported first.
+
+    ``adapters="merged"`` (default) folds the adapter into the weights: the base model's
+    program, at its cost. ``adapters="inputs"`` keeps it apart: the program takes every
+    trained tensor as the keyword ``adapters`` (``{name: tensor}``, the names of
+    :func:`onelora_fx.adapter_parameters`), and the 1LoRA op is decomposed into plain ops,
+    so one artifact serves any adapter of the model (in ONNX Runtime and ExecuTorch too).
 
     Example:
         >>> ep = ol.export(gm, example_kwargs={"input_ids": ids}, path="model.pt2")  # doctest: +SKIP
@@ -96,12 +136,19 @@ def export(
     if outputs not in ("plain", "model"):
         raise ValueError(f"outputs={outputs!r}: pass 'plain' (dicts, loadable with only torch) or 'model' (the "
                          "model's own output classes)")
+    if adapters not in ("merged", "inputs"):
+        raise ValueError(f"adapters={adapters!r}: pass 'merged' (folded into the weights) or 'inputs' (the trained "
+                         "tensors as inputs of the program, one artifact for any adapter)")
     if example_kwargs is not None and not isinstance(example_kwargs, dict):
         raise TypeError(f"example_kwargs is a dict of keyword inputs, got {type(example_kwargs).__name__}")
     state = get_state(gm)
     stacked = state is not None and bool(state.stack)
+    as_inputs = adapters == "inputs"
+    if as_inputs and (state is None or stacked):
+        raise ValueError("adapters='inputs' exports an adapted module with one adapter (ol.transform's result); "
+                         + ("a stack already takes adapter_ids" if stacked else "this module carries no adapter"))
     # a stack is exported as it is, adapter_ids an input; one adapter is merged first
-    deployed = merge(gm) if is_adapted(gm) and not stacked else gm
+    deployed = merge(gm) if is_adapted(gm) and not stacked and not as_inputs else gm
     was_training = deployed.training
     deployed.eval()
     args = tuple(example_inputs or ())
@@ -110,6 +157,10 @@ def export(
     # go through its own call handling, which its plain view keeps
     view = getattr(deployed, "as_plain_module", None)
     target = exportable(view() if view else deployed, kwargs)
+    if as_inputs:
+        trained = {k: v.detach() for k, v in adapter_parameters(gm).items()}
+        target = _adapters_as_inputs(target, list(trained))
+        kwargs[ADAPTERS] = trained
     if outputs == "plain":
         target = _plain_outputs(target)
     shapes = auto_dynamic_shapes(target, args, kwargs) if dynamic else None
@@ -120,9 +171,45 @@ def export(
         raise ExportError(f"torch.export failed on the {what} of {type(deployed).__name__}: {why_export_failed(e)}") from e
     finally:
         deployed.train(was_training)
-    leftovers = [n for n in ep.graph.nodes if "onelora" in str(n.target)]
-    if leftovers and not stacked:  # merge removes every adapter node: this would be our bug
+    if as_inputs:
+        table = torch.export.default_decompositions()
+        table[torch.ops.onelora.linear.default] = _decomposed_linear
+        ep = ep.run_decompositions(table)
+    leftovers = [n for n in ep.graph.nodes if n.op == "call_function" and "onelora" in str(n.target)]
+    if leftovers and not stacked:  # merge and the decomposition remove every adapter node: this would be our bug
         raise ExportError(f"adapter ops survived the merge: {[n.format_node() for n in leftovers]}")
     if path is not None:
         torch.export.save(ep, os.fspath(path))
     return ep
+
+
+def export_onnx(
+    gm: nn.Module,
+    example_inputs: Optional[Sequence[Any]] = (),
+    example_kwargs: Optional[dict[str, Any]] = None,
+    path: Optional[str | os.PathLike] = None,
+    *,
+    dynamic: bool = True,
+    adapters: str = "merged",
+) -> Any:
+    """:func:`export`, then ``torch.onnx.export`` of the program (``dynamo=True``): an ONNX
+    model of the merged module, or with ``adapters="inputs"`` one whose extra inputs are
+    the trained tensors (swap adapters by feeding other values). Returns torch's
+    ``ONNXProgram``; saved at ``path`` when given.
+
+    Example:
+        >>> onnx = ol.export_onnx(gm, example_kwargs={"input_ids": ids}, path="model.onnx", adapters="inputs")  # doctest: +SKIP
+
+    Raises:
+        ImportError: ``onnx`` / ``onnxscript`` are not installed (``pip install 'onelora-fx[deploy]'``).
+    """
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"export_onnx needs {e.name}: pip install 'onelora-fx[deploy]'") from None
+    ep = export(gm, example_inputs, example_kwargs, dynamic=dynamic, adapters=adapters)
+    program = torch.onnx.export(ep, dynamo=True, verbose=False)
+    if path is not None:
+        program.save(os.fspath(path))
+    return program

@@ -4,6 +4,7 @@ run the end-to-end demo.
     onelora-fx inspect llama-tiny --pattern "*.q_proj" --pattern "*.v_proj"
     onelora-fx inspect mypackage.models:build --exclude "re:.*head.*"
     onelora-fx merge llama-8b adapter.safetensors llama-8b-finetuned
+    onelora-fx export mypackage.models:build adapter.safetensors --format onnx --out model.onnx
     onelora-fx demo
 
 A bad model spec or pattern exits with status 2 and one line on stderr.
@@ -176,6 +177,37 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+_SUFFIX = {"pt2": ".pt2", "onnx": ".onnx", "aoti": ".pt2"}
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ..adapters.files import AdapterFileError
+    from ..adapters.load import load
+    from ..compat import aoti_compile_and_package
+    from ..deploy.export import ExportError, export, export_onnx
+    from ..forms.graph.capture import CaptureError
+
+    model, inputs, kwargs = load_model(args.model)
+    if not inputs and not kwargs:
+        raise UsageError(f"{args.model} gives no example inputs, which an export needs: make it return "
+                         "(module, example_inputs)")
+    out = Path(args.out or f"{Path(args.adapter).stem}{_SUFFIX[args.format]}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm = load(model, args.adapter, example_inputs=inputs or None, example_kwargs=kwargs or None)
+            if args.format == "onnx":
+                export_onnx(gm, inputs, kwargs, path=out, adapters=args.adapters)
+            else:
+                ep = export(gm, inputs, kwargs, path=out if args.format == "pt2" else None, adapters=args.adapters)
+                if args.format == "aoti":
+                    aoti_compile_and_package(ep, str(out))
+    except (AdapterFileError, ExportError, CaptureError, FileNotFoundError, ImportError, ValueError) as e:
+        raise UsageError(_first(e)) from None
+    print(f"wrote {out} ({args.format}, adapter {'as inputs' if args.adapters == 'inputs' else 'merged'})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onelora-fx", description="1LoRA fine-tuning as a PyTorch graph pass.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,6 +231,20 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("adapter", metavar="ADAPTER", help="adapter file (ol.save_adapter) or PEFT folder (ol.save_peft)")
     m.add_argument("out", metavar="OUT", help="new folder for the merged checkpoint")
     m.set_defaults(run=_merge)
+    e = sub.add_parser(
+        "export",
+        help="adapt MODEL with ADAPTER and export it: .pt2, ONNX or an AOTInductor package",
+        description="Load ADAPTER (an adapter file or PEFT folder) into MODEL and export the result: a torch.export "
+        ".pt2 (loads with only torch), an ONNX model (ONNX Runtime), or an AOTInductor package (compiled, runs "
+        "without the model's code). The adapter is merged into the weights, or with --adapters inputs kept as "
+        "inputs of the program (one artifact for any adapter).",
+    )
+    e.add_argument("model", metavar="MODEL", help="as for inspect; it must give example inputs ((module, inputs))")
+    e.add_argument("adapter", metavar="ADAPTER", help="adapter file (ol.save_adapter) or PEFT folder")
+    e.add_argument("--format", choices=sorted(_SUFFIX), default="pt2", help="default: %(default)s")
+    e.add_argument("--adapters", choices=["merged", "inputs"], default="merged", help="default: %(default)s")
+    e.add_argument("--out", help="output file (default: the adapter's name with the format's suffix)")
+    e.set_defaults(run=_export)
     d = sub.add_parser(
         "demo",
         help="pretrain, fine-tune with 1LoRA, merge, export and check, on handwritten digits",
