@@ -27,13 +27,20 @@ from .forms.graph.module import MoveError
 from .forms.module.layers import SiteError
 from .query import adapted_sites, adapter_parameters, is_adapted
 from .records import Layout, LinearSite
-from .state import AdapterStateError, AlreadyAdaptedError, Capture, Extra
+from .state import AdapterStateError, AlreadyAdaptedError, Capture, Extra, OneLoRAWarning
 from .summary import summary
 from .switch import disabled
 from .transform import sites, transform
 
 # a library logs; the application decides what is shown (nothing, until it configures logging)
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
+
+from importlib.metadata import PackageNotFoundError as _NotInstalled, version as _version
+
+try:
+    __version__ = _version("onelora-fx")
+except _NotInstalled:  # a source tree that is not installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "transform",
@@ -69,4 +76,6 @@ __all__ = [
     "PatternError",
     "AlreadyAdaptedError",
     "AdapterStateError",
+    "OneLoRAWarning",
+    "__version__",
 ]

@@ -43,6 +43,11 @@ class AlreadyAdaptedError(ValueError):
     """The module already carries 1LoRA vectors; adapting again would stack them."""
 
 
+class OneLoRAWarning(UserWarning):
+    """Every warning onelora_fx gives (a subclass of ``UserWarning``): filter them with
+    ``warnings.filterwarnings("ignore", category=ol.OneLoRAWarning)``."""
+
+
 class AdapterStateError(RuntimeError):
     """The module no longer holds what ``transform`` recorded (a layer with a vector was
     replaced or deleted afterwards)."""

@@ -31,6 +31,7 @@ from .analysis.patterns import Pattern, PatternError, compile_pattern, describe,
 from .query import adapted_sites, is_adapted
 from .records import LinearSite, join
 from .state import AdapterState, AlreadyAdaptedError, Capture, Extra, get_state, set_state
+from .state import OneLoRAWarning
 
 __all__ = ["transform", "sites", "inspect_sites"]
 
@@ -171,7 +172,7 @@ def _take(model: nn.Module, args: tuple, kwargs: dict, method: Capture, dynamic:
             f"no graph capture works for {type(model).__name__} ({'; '.join(causes)}). Adapting it in the "
             "module form instead: the model's own class with its layers adapted (same names, same "
             "numerics; generate() and save_pretrained() work).",
-            stacklevel=3,
+            category=OneLoRAWarning, stacklevel=3,
         )
         form = ModuleForm(failed=e)
         return form, form.capture(model, args, kwargs, dynamic, Capture.MODULE)
@@ -187,7 +188,7 @@ def _warn_uniform_norms(chosen: Sequence[LinearSite]) -> None:
             f"uniform (coefficient of variation < {NEAR_UNIFORM_CV}; e.g. {flat[0].name} after {flat[0].norm}): "
             "there x.sum(-1) is almost the constant sum of the norm's bias, so 1LoRA's term acts as a "
             "bias only. Train the norms too (train=('norm',)) or exclude these sites.",
-            stacklevel=3,
+            category=OneLoRAWarning, stacklevel=3,
         )
 
 

@@ -166,3 +166,27 @@ def test_export_command_writes_a_program_of_the_adapted_model(tmp_path):
     torch.testing.assert_close(program(**kwargs)["logits"], gm(**kwargs).logits, rtol=1e-5, atol=1e-5)
     r = cli("export", "llama-tiny", str(tmp_path / "missing.safetensors"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing.safetensors" in r.stderr
+
+
+def test_version_py_typed_and_the_warning_category():
+    import importlib.resources
+    import warnings
+    from importlib.metadata import version
+
+    import torch
+
+    import onelora_fx as ol
+
+    assert ol.__version__ == version("onelora-fx")
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"onelora-fx {ol.__version__}"
+    assert importlib.resources.files("onelora_fx").joinpath("py.typed").is_file()
+    model = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ol.transform(model, "all", exclude="2")  # a LayerNorm-fed site: the one warning it gives
+    assert caught and all(issubclass(w.category, ol.OneLoRAWarning) for w in caught)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", category=ol.OneLoRAWarning)
+        ol.transform(model, "all", exclude="2")

@@ -30,6 +30,7 @@ from ..forms.materialize import settle
 from ..query import adapted_sites, adapter_parameters
 from ..records import LinearSite, adapter_name_for
 from ..state import Extra, get_state
+from ..state import OneLoRAWarning
 
 __all__ = ["save_peft", "load_peft"]
 
@@ -121,7 +122,7 @@ def save_peft(gm: nn.Module, directory: str | os.PathLike, *, skip_unsupported: 
             f"{', '.join(unsupported)}. Exclude them from the pattern, or pass skip_unsupported=True to leave them out."
         )
     if unsupported:
-        warnings.warn(f"save_peft left out {len(unsupported)} sites PEFT cannot express: {', '.join(unsupported)}", stacklevel=2)
+        warnings.warn(f"save_peft left out {len(unsupported)} sites PEFT cannot express: {', '.join(unsupported)}", category=OneLoRAWarning, stacklevel=2)
     kept = [s for s in sites if s.name not in unsupported]
     tensors, to_save = _tensors(gm, kept, state)
     modules = [p for p, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)]

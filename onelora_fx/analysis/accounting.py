@@ -34,6 +34,7 @@ from ..quant import is_quantized_weight, logical_numel
 from ..records import LinearSite, join, resolve_attr
 from .flow import SHAPE_QUERIES, carries_weight
 from .linear_ops import Kind, is_matmul_like, kind_of, op_name
+from ..state import OneLoRAWarning
 
 __all__ = ["WeightClass", "Reader", "Accounting", "graph_readers", "warn_unadapted"]
 
@@ -249,5 +250,5 @@ def warn_unadapted(model: nn.Module, found: dict[str, str], stacklevel: int) -> 
     warnings.warn(
         f"{len(found)} weight(s) of {type(model).__name__}, {100 * held / max(total, 1):.1f}% of its parameters, "
         f"are read by matmul-like ops that 1LoRA does not adapt: {listed}. They stay frozen and unadapted.",
-        stacklevel=stacklevel + 1,
+        category=OneLoRAWarning, stacklevel=stacklevel + 1,
     )

@@ -29,6 +29,7 @@ from typing import Callable, Sequence, Union
 
 from ..records import LinearSite
 from .sites import group_by_weight
+from ..state import OneLoRAWarning
 
 __all__ = ["Pattern", "PatternError", "compile_pattern", "describe", "select", "PRESETS"]
 
@@ -129,7 +130,7 @@ def select(sites: Sequence[LinearSite], pattern: Pattern, exclude: Pattern | Non
         if not any(dropped):
             warnings.warn(
                 f"exclude={describe(exclude)!r} removes nothing from pattern={describe(pattern)!r}",
-                stacklevel=3,
+                category=OneLoRAWarning, stacklevel=3,
             )
         chosen = [c and not d for c, d in zip(chosen, dropped)]
     if not any(chosen):

@@ -27,6 +27,7 @@ from ..query import adapted_sites
 from ..analysis.sites import group_by_weight
 from ..records import LinearSite
 from ..state import get_state, set_state
+from ..state import OneLoRAWarning
 
 __all__ = ["merge", "unmerge", "MergeError"]
 
@@ -150,7 +151,7 @@ def _untie(root: nn.Module, plans: list[Plan]) -> None:
         f"{', '.join(untied)} was tied to another weight: it now holds its own merged copy, in the merged "
         "module" + (" and in the model" if model is not None else "") + ", and the other reader keeps "
         "the original" + (f"; {'; '.join(changes)}" if changes else ""),
-        stacklevel=3,
+        category=OneLoRAWarning, stacklevel=3,
     )
 
 

@@ -31,6 +31,7 @@ from torch import nn
 from ..copying import copy_module_tree
 from ..records import join
 from ..state import get_state
+from ..state import OneLoRAWarning
 
 __all__ = ["install", "zero_vectors", "rebuild_buffers", "non_persistent_buffers", "note_unset", "settle", "fill_unset", "UNSET"]
 
@@ -111,7 +112,7 @@ def rebuild_buffers(root: nn.Module, model: nn.Module, names: Iterable[str]) -> 
             f"non-persistent buffers {', '.join(left)} are in no state dict and could not be rebuilt "
             "after leaving the meta device: they hold uninitialized memory. Set them yourself "
             "(or build the model on a real device) before running it.",
-            stacklevel=3,
+            category=OneLoRAWarning, stacklevel=3,
         )
     return left
 

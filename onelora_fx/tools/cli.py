@@ -209,7 +209,10 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     parser = argparse.ArgumentParser(prog="onelora-fx", description="1LoRA fine-tuning as a PyTorch graph pass.")
+    parser.add_argument("--version", action="version", version=f"onelora-fx {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
         "inspect",

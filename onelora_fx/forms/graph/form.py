@@ -29,6 +29,7 @@ from ...analysis.sites import find_sites, handles
 from ...records import LinearSite, resolve_attr
 from ...state import get_state
 from ..base import Captured, Form, Plan, own_buffers, plan_merge
+from ...state import OneLoRAWarning
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def _warn_specialized(model: nn.Module, args: tuple, kwargs: dict) -> None:
             f"example inputs of {type(model).__name__} have size 1 at {', '.join(ones)}: torch.export "
             "specializes such dimensions, so the first call with another size there captures "
             "a new graph (seconds). Give examples of size 2 or more where sizes vary.",
-            stacklevel=5,
+            category=OneLoRAWarning, stacklevel=5,
         )
 
 

@@ -34,6 +34,7 @@ from ..graph.calls import Signature
 from ..graph.capture import CaptureError, NeedsExample, first_line, trace
 from .layers import SiteCall, SiteError, adapt_caller, adapt_layer, adapt_quantized_layer, adapt_root, adapt_stack, restore
 from .record import record
+from ...state import OneLoRAWarning
 
 __all__ = ["ModuleForm", "module_sites"]
 
@@ -144,7 +145,7 @@ def _discover(model: nn.Module, root: nn.Module, args: tuple, kwargs: dict, dyna
         f"the sites of {type(model).__name__} are read from its module tree only ({why}): its nn.Linear / "
         "Conv1D layers and expert modules are adapted, but a weight the model uses otherwise (F.linear on a "
         "raw parameter) cannot be seen. Pass example inputs the model runs with to find every site.",
-        stacklevel=4,
+        category=OneLoRAWarning, stacklevel=4,
     )
     return [_without_graph(s) for s in module_sites(root)], Accounting.of(model)
 
