@@ -28,7 +28,7 @@ class Sequences(torch.utils.data.Dataset):
         return {"input_ids": ids, "labels": ids.clone()}
 
 
-def main(out: Path, steps: int = 20) -> dict:
+def main(out: Path, steps: int = 12) -> dict:
     torch.manual_seed(0)
     config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                       num_key_value_heads=2, vocab_size=64,
@@ -42,7 +42,7 @@ def main(out: Path, steps: int = 20) -> dict:
         gm = ol.transform(model, "all-linear", example_kwargs=example)
         args = transformers.TrainingArguments(output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=8,
                                               learning_rate=1e-1, lr_scheduler_type="linear", save_strategy="steps",
-                                              save_steps=steps // 2, logging_steps=5, report_to=[], use_cpu=True,
+                                              save_steps=steps // 2, logging_steps=3, report_to=[], use_cpu=True,
                                               disable_tqdm=True, seed=0)
         trainer = ol.adapter_checkpoints(transformers.Trainer(model=gm, args=args, train_dataset=Sequences()))
         trainer.train(resume_from_checkpoint=resume)
