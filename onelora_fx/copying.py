@@ -59,6 +59,8 @@ def _twin(module: nn.Module) -> nn.Module:
     else:
         twin = type(module).__new__(type(module))
     twin.__dict__ = dict(module.__dict__)
+    for key in getattr(type(module), "_onelora_uncopied", ()):  # per-instance state a copy must rebuild
+        twin.__dict__.pop(key, None)
     for name in _CONTAINERS:
         value = module.__dict__.get(name)
         if value is not None:

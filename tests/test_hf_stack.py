@@ -242,3 +242,23 @@ def test_train_takes_module_names_as_peft_s_modules_to_save(tmp_path):
     assert torch.equal(loaded(input_ids=ids).logits, gm(input_ids=ids).logits)
     with pytest.raises(ValueError, match="train='scorer' is neither.*nor the name or glob of a module"):
         quiet_transform(model, "all-linear", example_kwargs={"input_ids": ids}, train=("scorer",))
+
+
+def test_the_graph_form_s_backbone_for_trainers_shares_its_vectors_and_copies_get_their_own():
+    """``gm.base_model`` (TRL's fused LM head runs it) computes the adapted backbone with
+    gm's own b; a copy (here: unmerge of a merge) answers with its own vectors."""
+    model = tiny_llama()
+    gm = quiet_transform(model, "all-linear", example_kwargs={"input_ids": IDS})
+    randomize_adapters(gm)
+    hidden = gm.base_model(input_ids=IDS).last_hidden_state
+    logits = gm.get_output_embeddings()(hidden)
+    torch.testing.assert_close(logits, gm(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
+    twin_b = ol.adapter_parameters(gm.module_twin())
+    assert all(twin_b[k] is v for k, v in ol.adapter_parameters(gm).items()), "the same Parameter objects"
+    again = ol.unmerge(ol.merge(gm))
+    with torch.no_grad():
+        for b in ol.adapter_parameters(again).values():
+            b.zero_()
+    torch.testing.assert_close(again.base_model(input_ids=IDS).last_hidden_state,
+                               model.model(input_ids=IDS).last_hidden_state, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gm.base_model(input_ids=IDS).last_hidden_state, hidden, rtol=0, atol=0)

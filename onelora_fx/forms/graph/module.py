@@ -166,6 +166,10 @@ class CapturedModule(fx.GraphModule):
     which form has it.
     """
 
+    #: instance state a copy (copying.copy_module_tree) must not share: the module-form
+    #: twin holds this module's own vectors
+    _onelora_uncopied = (_TWIN_KEY,)
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
@@ -313,6 +317,7 @@ class CapturedModule(fx.GraphModule):
         captured again, as ``root`` is now, when its call comes."""
         root.__dict__.pop(_MORE, None)
         root.__dict__.pop(_FX_TRAINING, None)
+        root.__dict__.pop(_TWIN_KEY, None)
 
     def _call(self, args: tuple, kwargs: dict) -> Any:
         # a stack's graphs take each batch item's adapter as one more (last) input
