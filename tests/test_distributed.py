@@ -478,9 +478,26 @@ def _tp_worker(rank: int, store: str, tmp: str) -> None:
             outs.append((_full(y), {n: _full(p.grad) for n, p in ol.adapter_parameters(m).items()}))
         return {"ref": outs[0], "tp": outs[1]}
 
+    def rank0_only_save() -> dict:
+        """save_adapter called on rank 0 alone: a clear error after its timeout (it used to
+        wait in the all-gather until the process group's timeout), nothing written."""
+        gm = _load_pickle(tmp / "gm_norm.pt")
+        for layer in gm.model.layers:
+            parallelize_module(layer, mesh["tp"], _tp_plan())
+        if rank != 0:
+            time.sleep(6)  # busy elsewhere while rank 0 saves
+            return {}
+        t = time.perf_counter()
+        try:
+            ol.save_adapter(gm, tmp / "rank0_only.safetensors", timeout=2)
+        except RuntimeError as e:
+            return {"message": str(e), "seconds": time.perf_counter() - t,
+                    "written": (tmp / "rank0_only.safetensors").exists()}
+        return {"message": None}
+
     for name, fn in [("transform_then_tp", transform_then_tp), ("tp_then_transform", tp_then_transform),
                      ("sequence_parallel", sequence_parallel), ("fsdp", fsdp), ("vector_placements", vector_placements),
-                     ("biased_sequential", biased_sequential)]:
+                     ("biased_sequential", biased_sequential), ("rank0_only_save", rank0_only_save)]:
         _scenario(results, name, fn)
     torch.save(results, tmp / f"tp_rank{rank}.pt")
     dist.destroy_process_group()
@@ -738,6 +755,12 @@ def test_adapter_files_from_a_tensor_parallel_model(tp_reference, tp_ranks):
         for name, value in tp_reference["init_norm"].items():
             assert torch.equal(got["loaded"][name], value), name
         assert got["loaded_placements"] == got["placements"]
+
+
+def test_save_adapter_on_rank_0_alone_is_an_error_not_a_hang(tp_ranks):
+    got = _scenario_of(tp_ranks, "rank0_only_save")[0]
+    assert got["message"] is not None and "not every rank called it within 2 s" in got["message"]
+    assert "call ol.save_adapter on every rank" in got["message"] and got["seconds"] < 30 and not got["written"]
 
 
 def test_merge_of_a_tensor_parallel_model_folds_per_shard(tp_reference, tp_ranks):

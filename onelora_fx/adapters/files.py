@@ -93,13 +93,16 @@ def _targets(module: nn.Module, index: Optional[int]) -> dict[str, torch.Tensor]
     return {name: p[index] for name, p in params.items()}
 
 
-def save_adapter(module: nn.Module, path: str | os.PathLike, *, index: Optional[int] = None) -> Path:
+def save_adapter(module: nn.Module, path: str | os.PathLike, *, index: Optional[int] = None,
+                 timeout: float = 600.0) -> Path:
     """Write the trained tensors of an adapted module to ``path`` (safetensors); for a
     stack (``ol.stack``), those of adapter ``index``.
 
     Under tensor parallelism or FSDP2 (DTensor vectors) call it on every rank: the
-    shards are gathered with a collective and rank 0 writes the file. Called on rank 0
-    alone it waits for the other ranks (until the process group's timeout).
+    shards are gathered with a collective and rank 0 writes the file. With the gloo
+    backend, ranks that do not call it within ``timeout`` seconds are an error naming
+    them (``torch.distributed.monitored_barrier``), not a wait until the process group's
+    timeout; NCCL has no such barrier, and waits.
 
     Example:
         >>> ol.save_adapter(gm, "adapter.safetensors")      # doctest: +SKIP
@@ -107,18 +110,37 @@ def save_adapter(module: nn.Module, path: str | os.PathLike, *, index: Optional[
     Raises:
         AdapterFileError: ``path`` is a directory, its folder is missing or not writable.
         ValueError: the module carries no 1LoRA vectors; ``index`` missing for a stack.
+        RuntimeError: (gloo) a rank did not call it within ``timeout`` seconds.
     """
+    targets = _targets(module, index)
+    distributed = any(is_dtensor(p) for p in targets.values()) and torch.distributed.is_initialized()
+    if distributed:
+        _every_rank_here("save_adapter", timeout)
     # a DTensor (tensor parallelism, FSDP2) is gathered on every rank (a collective);
     # rank 0 writes the file the one-process module would
-    tensors = {name: _gathered(p).detach().contiguous().cpu() for name, p in _targets(module, index).items()}
+    tensors = {name: _gathered(p).detach().contiguous().cpu() for name, p in targets.items()}
     if not tensors:
         raise ValueError("the module carries no 1LoRA vectors: nothing to save (transform it first)")
-    distributed = any(is_dtensor(p) for p in _targets(module, index).values()) and torch.distributed.is_initialized()
     if not distributed or torch.distributed.get_rank() == 0:
         written = write_tensors(tensors, Path(path), _metadata(module))
     if distributed:
         torch.distributed.barrier()
     return Path(path) if distributed else written
+
+
+def _every_rank_here(what: str, timeout: float) -> None:
+    """Before a collective every rank must join: with gloo, check that they do."""
+    import datetime
+
+    if torch.distributed.get_backend() != "gloo":
+        return  # monitored_barrier is gloo's
+    try:
+        torch.distributed.monitored_barrier(timeout=datetime.timedelta(seconds=timeout), wait_all_ranks=True)
+    except RuntimeError as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise RuntimeError(
+            f"{what} gathers the sharded vectors from every rank, and not every rank called it within {timeout:g} s "
+            f"({first}): call ol.{what} on every rank (rank 0 writes the file)") from None
 
 
 def _gathered(t: torch.Tensor) -> torch.Tensor:

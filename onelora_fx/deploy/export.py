@@ -204,7 +204,7 @@ def export_onnx(
         ImportError: ``onnx`` / ``onnxscript`` are not installed (``pip install 'onelora-fx[deploy]'``).
     """
     try:
-        import onnx  # noqa: F401
+        import onnx  # noqa: F401  (torch.onnx's dynamo exporter needs both)
         import onnxscript  # noqa: F401
     except ImportError as e:
         raise ImportError(f"export_onnx needs {e.name}: pip install 'onelora-fx[deploy]'") from None
