@@ -4,7 +4,7 @@
 vector ``b``: ``y = linear(x, W, bias) + b * x.sum(-1, keepdim=True)``, i.e.
 ``ΔW = b 1ᵀ``.
 
-Example:
+Examples:
     >>> import onelora_fx as ol
     >>> gm = ol.transform(model, "all-linear", example_kwargs={"input_ids": ids})  # doctest: +SKIP
 """

@@ -81,7 +81,7 @@ def copy_module_tree(root: nn.Module, _memo: Optional[dict[int, nn.Module]] = No
     the copy leaves ``root`` as it was, and the other way round; the tensors themselves
     are shared, so an in-place write to a weight is seen by both.
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Linear(4, 4))
         >>> twin = copy_module_tree(model)
         >>> twin[0] is model[0], twin[0].weight is model[0].weight

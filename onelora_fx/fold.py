@@ -77,7 +77,7 @@ def fold(weight: torch.Tensor, b: torch.Tensor, layout: Layout) -> torch.Tensor:
     """``W + b 1ᵀ`` in float32 (float64 for a float64 weight), cast back to
     ``weight``'s dtype (a new tensor).
 
-    Example:
+    Examples:
         >>> fold(torch.zeros(2, 3), torch.tensor([1.0, 2.0]), Layout.OUT_IN)
         tensor([[1., 1., 1.],
                 [2., 2., 2.]])

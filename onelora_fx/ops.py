@@ -248,7 +248,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], b: Tensor, transpo
     ``[in, out]`` (``transposed=True``, as GPT-2's ``Conv1D``); ``b`` has ``out``
     entries. Equal to ``F.linear(x, W, bias)`` when ``b`` is zero (bit-exact).
 
-    Example:
+    Examples:
         >>> x, W, b = torch.randn(2, 3), torch.randn(4, 3), torch.ones(4)
         >>> y = linear(x, W, None, b)
         >>> torch.allclose(y, x @ W.T + b * x.sum(-1, keepdim=True))
@@ -292,7 +292,7 @@ def expert_term(y: Tensor, x: Tensor, offsets: Optional[Tensor], b: Tensor) -> T
     ``bmm(x, W)`` whose batch ``e`` is expert ``e``; ``b`` is ``[E, out]``. For float16 /
     bfloat16 the term is computed and added in float32, as in :func:`linear`.
 
-    Example:
+    Examples:
         >>> x, b = torch.ones(3, 2), torch.tensor([[1.0], [10.0]])
         >>> expert_term(torch.zeros(3, 1), x, torch.tensor([1, 3]), b).flatten().tolist()
         [2.0, 20.0, 20.0]
@@ -397,7 +397,7 @@ def batch_source(values: Sequence[Any]) -> Optional[Any]:
     the first whose first dimension is not a broadcast 1 (``position_ids`` of shape
     ``[1, S]`` beside ``inputs_embeds [B, S, E]``), else the first with a dimension.
 
-    Example:
+    Examples:
         >>> batch_source([torch.zeros(1, 5), torch.zeros(3, 5, 8)]).shape[0]
         3
     """
@@ -413,7 +413,7 @@ def check_ids(ids: Optional[Tensor], batch: Optional[Tensor], adapters: int) -> 
     ``TypeError`` saying what was expected; in a compiled or exported program the same
     conditions are runtime assertions of the program (no device synchronization).
 
-    Example:
+    Examples:
         >>> check_ids(torch.tensor([0, -1], dtype=torch.int16), torch.zeros(2, 5), 2).dtype
         torch.int64
     """
@@ -458,7 +458,7 @@ def linear_rows(
     GEMM's accumulator, as in :func:`linear`; for float16 / bfloat16 it is computed and
     added in float32.
 
-    Example:
+    Examples:
         >>> x, W = torch.ones(3, 2), torch.zeros(4, 2)
         >>> B = torch.stack([torch.full((4,), 1.0), torch.full((4,), 2.0)])
         >>> linear_rows(x, W, None, B, torch.tensor([1, -1, 0]))[:, 0].tolist()

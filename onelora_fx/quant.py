@@ -107,7 +107,7 @@ def dequantize(weight: torch.Tensor, module: Optional[nn.Module] = None, dtype: 
     """The plain ``[out, in]`` weight a quantized one stands for, in ``dtype`` (default:
     the compute dtype).
 
-    Example:
+    Examples:
         >>> dequantize(torch.ones(2, 2)).dtype
         torch.float32
     """
@@ -151,7 +151,7 @@ def unpacked_4bit(weight: torch.Tensor) -> tuple[torch.Tensor, Any]:
     values are those the packed layer computes with (its absmax is bfloat16; widening it
     to float32 is exact).
 
-    Example:
+    Examples:
         >>> unpacked_4bit(torch.zeros(2, 1))[1] is None   # not a 4-bit weight: as it is
         True
     """

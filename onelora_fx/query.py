@@ -26,7 +26,7 @@ def adapted_sites(module: nn.Module) -> list[LinearSite]:
     """Every site of an adapted module; ``selected`` (and ``adapted``) mark those that
     carry a 1LoRA vector. Empty for a module that is not adapted.
 
-    Example:
+    Examples:
         >>> gm = transform(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), "all")  # doctest: +SKIP
         >>> [s.name for s in adapted_sites(gm) if s.adapted]                         # doctest: +SKIP
         ['0', '1']
@@ -50,7 +50,7 @@ def _carries_adapter(module: nn.Module) -> bool:
 def is_adapted(module: nn.Module) -> bool:
     """Does ``module`` carry 1LoRA vectors (an adapter state, adapted layers or nodes)?
 
-    Example:
+    Examples:
         >>> is_adapted(nn.Linear(2, 2))
         False
     """
@@ -63,7 +63,7 @@ def adapter_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
     Read from the adapter state (the vectors and extras ``transform`` recorded), never
     found by name.
 
-    Example:
+    Examples:
         >>> gm = transform(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), "all")  # doctest: +SKIP
         >>> list(adapter_parameters(gm))                                             # doctest: +SKIP
         ['0.onelora_b', '1.onelora_b']

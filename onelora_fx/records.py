@@ -137,7 +137,7 @@ class LinearSite:
         ``shape`` is the weight's logical shape when its storage is packed (a 4-bit
         weight); ``rows`` the output rows a sliced call reads.
 
-        Example:
+        Examples:
             >>> s = LinearSite.of("q_proj", "weight", torch.zeros(8, 4), Layout.OUT_IN, "linear")
             >>> s.name, s.adapter_name, s.in_features, s.out_features
             ('q_proj', 'q_proj.onelora_b', 4, 8)

@@ -102,7 +102,7 @@ class AdapterState:
         batch item's adapter by name (as given to ``ol.stack``) or index, ``None`` (or
         ``-1``) for the base model.
 
-        Example:
+        Examples:
             >>> AdapterState("all", "fx", stack=("legal", "support")).stack_ids(["support", None, 0]).tolist()
             [1, -1, 0]
         """

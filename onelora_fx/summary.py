@@ -66,7 +66,7 @@ def weight_lines(accounting: Accounting, sites: Sequence[LinearSite]) -> list[st
 def summary(gm: nn.Module, *, tablefmt: str = "simple") -> str:
     """The adapted sites and trainable / total parameters of an adapted module.
 
-    Example:
+    Examples:
         >>> print(summary(transform(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))))  # doctest: +SKIP
         site    form       in -> out    layout   ...
     """

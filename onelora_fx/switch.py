@@ -29,7 +29,7 @@ def disabled(gm: nn.Module) -> Iterator[nn.Module]:
     fails loudly (torch's in-place check on the restored tensors): run the base model
     under ``torch.no_grad()``, as a DPO reference is.
 
-    Example:
+    Examples:
         >>> with ol.disabled(gm):                          # doctest: +SKIP
         ...     reference_logits = gm(input_ids=ids).logits
     """

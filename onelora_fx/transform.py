@@ -207,7 +207,7 @@ def sites(
     module with no pattern, it marks the adapted sites. Parameters read by matmul-like
     ops that are not sites are reported in one warning.
 
-    Example:
+    Examples:
         >>> [s.name for s in sites(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))) if s.selected]
         ['0']
     """
@@ -266,7 +266,7 @@ def transform(
     its layers adapted (the module form: ``capture="module"``, or ``"auto"`` when no
     graph capture works, with a warning saying why).
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
         >>> gm = transform(model)                # every linear but the head
         >>> [n for n, p in gm.named_parameters() if p.requires_grad]

@@ -1,6 +1,6 @@
-"""The README stays true, read as a newcomer reads it: every Python block runs on its own
-after the Quickstart, in a fresh process, and prints what the README says it prints; the
-first set-up command installs everything the blocks import."""
+"""The README and the docs stay true, read as a newcomer reads them: every Python block runs
+on its own after the Quickstart, in a fresh process, and prints what the page says it
+prints; the first set-up command installs everything the blocks import."""
 
 from __future__ import annotations
 
@@ -26,15 +26,23 @@ DECIMAL_RTOL = 2e-3
 MAGNITUDE_FACTOR = 2.0
 
 
+def pages() -> list[Path]:
+    """The README, then the documentation's pages in the site's order (``mkdocs.yml``)."""
+    nav = re.findall(r":\s*([\w\-]+\.md)\s*$", (ROOT / "mkdocs.yml").read_text(), re.M)
+    return [README] + [ROOT / "docs" / name for name in nav]
+
+
 def blocks() -> list[tuple[str, str | None]]:
-    """``(code, expected output or None)`` of each runnable ```python block: not the ones
-    marked ``<!-- signature -->`` or ``<!-- sketch -->`` on the line before (signatures,
-    code that needs several processes)."""
-    text = README.read_text()
-    found = []
-    for m in re.finditer(r"(<!-- (?:sketch|signature) -->\n)?```python\n(.*?)```\n(?:\nprints\n\n```\n(.*?)```)?", text, re.S):
-        if not m.group(1):
-            found.append((m.group(2), m.group(3)))
+    """``(code, expected output or None)`` of each runnable ```python block of the README
+    and the docs (the README's Quickstart first; a page that repeats it does not run it
+    twice): not the ones marked ``<!-- signature -->`` or ``<!-- sketch -->`` on the line
+    before (signatures, code that needs several processes; the pages say so)."""
+    found: list[tuple[str, str | None]] = []
+    for page in pages():
+        text = page.read_text()
+        for m in re.finditer(r"(<!-- (?:sketch|signature) -->\n)?```python\n(.*?)```\n(?:\nprints\n\n```\n(.*?)```)?", text, re.S):
+            if not m.group(1) and (m.group(2), m.group(3)) not in found[:1]:
+                found.append((m.group(2), m.group(3)))
     return found
 
 

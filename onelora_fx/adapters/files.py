@@ -104,7 +104,7 @@ def save_adapter(module: nn.Module, path: str | os.PathLike, *, index: Optional[
     them (``torch.distributed.monitored_barrier``), not a wait until the process group's
     timeout; NCCL has no such barrier, and waits.
 
-    Example:
+    Examples:
         >>> ol.save_adapter(gm, "adapter.safetensors")      # doctest: +SKIP
 
     Raises:
@@ -216,7 +216,7 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, *, index: Optional[
     no tensor is changed. A file saved from the graph form loads into the module form
     of the same model and the other way round.
 
-    Example:
+    Examples:
         >>> gm = ol.transform(model, "all-linear", example_kwargs=kw)   # doctest: +SKIP
         >>> ol.load_adapter(gm, "adapter.safetensors")                  # doctest: +SKIP
     """

@@ -63,7 +63,7 @@ def load(
     the extras the file records (none for a PEFT folder). ``model`` is left as
     :func:`onelora_fx.transform` leaves it (unchanged).
 
-    Example:
+    Examples:
         >>> gm = ol.load(model, "adapter.safetensors", example_kwargs={"input_ids": ids})  # doctest: +SKIP
 
     Raises:

@@ -100,7 +100,7 @@ def _task_type(model: nn.Module) -> Any:
 def save_peft(gm: nn.Module, directory: str | os.PathLike, *, skip_unsupported: bool = False) -> Path:
     """Write ``gm``'s adapter as a PEFT LoRA adapter (r = 1, ``lora_alpha`` = 1).
 
-    Example:
+    Examples:
         >>> ol.save_peft(gm, "my-adapter")                          # doctest: +SKIP
         >>> peft.PeftModel.from_pretrained(base_model, "my-adapter")  # doctest: +SKIP
 
@@ -257,7 +257,7 @@ def load_peft(gm: nn.Module, directory: str | os.PathLike) -> nn.Module:
     that would change the update (DoRA, a LoRA bias, per-module ranks, trainable tokens,
     ...) is refused naming it.
 
-    Example:
+    Examples:
         >>> gm = ol.transform(model, ["*.q_proj", "*.v_proj"], example_kwargs=kw)   # doctest: +SKIP
         >>> ol.load_peft(gm, "my-miss-adapter")                                    # doctest: +SKIP
 

@@ -52,7 +52,7 @@ def stack(gm: nn.Module, adapters: Union[Sequence[Adapter], Mapping[str, Adapter
     ``gm`` with one more keyword, ``adapter_ids``: a 1-D integer tensor (any integer
     dtype) with one adapter index per batch item, ``-1`` for the base model. ``gm`` itself is not changed.
 
-    Example:
+    Examples:
         >>> multi = ol.stack(gm, ["support.safetensors", "legal.safetensors"])   # doctest: +SKIP
         >>> multi(input_ids=ids, adapter_ids=torch.tensor([0, 1, -1, 0]))       # doctest: +SKIP
 
@@ -84,7 +84,7 @@ def unstack(multi: nn.Module, index: int, path: Union[str, os.PathLike]) -> Path
     """Write adapter ``index`` of a stack to ``path``: the file :func:`stack` read, one
     that :func:`onelora_fx.load_adapter` loads into a single-adapter module.
 
-    Example:
+    Examples:
         >>> ol.unstack(multi, 1, "legal.safetensors")   # doctest: +SKIP
     """
     state = get_state(multi)

@@ -72,7 +72,7 @@ def adapter_checkpoints(trainer: T) -> T:
     Works with the graph and the module form, and with trainers derived from
     ``transformers.Trainer`` (TRL's).
 
-    Example:
+    Examples:
         >>> trainer = ol.adapter_checkpoints(Trainer(model=gm, args=args, train_dataset=data))   # doctest: +SKIP
         >>> trainer.train()                                       # checkpoint-*/onelora_adapter.safetensors   # doctest: +SKIP
         >>> trainer.train(resume_from_checkpoint=True)            # exact continuation                       # doctest: +SKIP

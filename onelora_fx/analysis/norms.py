@@ -77,7 +77,7 @@ def norm_feeding(root: nn.Module, x: Any) -> tuple[Optional[str], Optional[float
     """``(LayerNorm path, scale CV)`` when ``x`` comes straight from a LayerNorm, else
     ``(None, None)``.
 
-    Example:
+    Examples:
         >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 2)))
         >>> norm_feeding(gm, next(n for n in gm.graph.nodes if n.target == "1").args[0])
         ('0', 0.0)

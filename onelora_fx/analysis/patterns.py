@@ -53,7 +53,7 @@ class PatternError(ValueError):
 def compile_pattern(pattern: Pattern) -> Predicate:
     """One predicate ``LinearSite -> bool`` for any pattern.
 
-    Example:
+    Examples:
         >>> pred = compile_pattern(["*.q_proj", re.compile(r".*\\.v_proj")])
         >>> [s.name for s in sites if pred(s)]   # doctest: +SKIP
         ['model.layers.0.self_attn.q_proj', 'model.layers.0.self_attn.v_proj', ...]

@@ -316,7 +316,7 @@ def find_sites(root: nn.Module, graph: Optional[fx.Graph] = None) -> list[Linear
     own root and graph). The output head follows :mod:`onelora_fx.heads`. Each weight
     has one ``b``, named after the weight's first call.
 
-    Example:
+    Examples:
         >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)))
         >>> [(s.name, s.is_head) for s in find_sites(gm)]
         [('0', False), ('1', True)]

@@ -110,7 +110,7 @@ def lower(gm: fx.GraphModule) -> tuple[int, int]:
     """Lower our custom op to Listing 1 in place; returns ``(lowered, Listing 1
     subgraphs in the result)``.
 
-    Example:
+    Examples:
         >>> lowered, listing1 = lower(dynamo_graph)   # doctest: +SKIP
     """
     lowering = LowerCustomOp()
@@ -128,7 +128,7 @@ def onelora_backend(
 ) -> Callable[..., Any]:
     """The ``onelora`` compile backend: lower 1LoRA, then Inductor.
 
-    Example:
+    Examples:
         >>> compiled = torch.compile(ol.transform(model), backend="onelora", fullgraph=True)  # doctest: +SKIP
     """
     lowered, listing1 = lower(gm)

@@ -39,7 +39,7 @@ def plain(value: Any) -> Any:
     """``value`` with every container torch's pytree does not know by itself turned into
     a ``dict`` of its fields (tensors, lists, tuples and dicts as they are).
 
-    Example:
+    Examples:
         >>> from collections import namedtuple
         >>> plain(namedtuple("Out", "logits")(torch.zeros(1)))
         {'logits': tensor([0.])}
@@ -122,7 +122,7 @@ def export(
     :func:`onelora_fx.adapter_parameters`), and the 1LoRA op is decomposed into plain ops,
     so one artifact serves any adapter of the model (in ONNX Runtime and ExecuTorch too).
 
-    Example:
+    Examples:
         >>> ep = ol.export(gm, example_kwargs={"input_ids": ids}, path="model.pt2")  # doctest: +SKIP
         >>> torch.export.load("model.pt2").module()(input_ids=ids)                   # doctest: +SKIP
     """
@@ -197,7 +197,7 @@ def export_onnx(
     the trained tensors (swap adapters by feeding other values). Returns torch's
     ``ONNXProgram``; saved at ``path`` when given.
 
-    Example:
+    Examples:
         >>> onnx = ol.export_onnx(gm, example_kwargs={"input_ids": ids}, path="model.onnx", adapters="inputs")  # doctest: +SKIP
 
     Raises:

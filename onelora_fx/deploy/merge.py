@@ -165,7 +165,7 @@ def merge(gm: nn.Module, *, inplace: bool = False) -> nn.Module:
     ``gm`` itself into the merged module: the model then holds the fine-tuned weights
     (``model.generate(...)``, ``model.save_pretrained(...)`` as usual).
 
-    Example:
+    Examples:
         >>> gm = ol.transform(model)                   # doctest: +SKIP
         >>> deployed = ol.merge(gm)                    # same graph as the base model   # doctest: +SKIP
         >>> ol.merge(gm, inplace=True)                 # model now holds W + b 1ᵀ       # doctest: +SKIP
@@ -219,7 +219,7 @@ def unmerge(merged: nn.Module) -> nn.Module:
     with ``inplace=True`` wrote ``W + b 1ᵀ`` over the base weights: there is nothing to
     restore exactly, and :func:`unmerge` says so.
 
-    Example:
+    Examples:
         >>> deployed = ol.merge(gm)                    # doctest: +SKIP
         >>> again = ol.unmerge(deployed)               # trains on, from where gm was   # doctest: +SKIP
 

@@ -139,7 +139,7 @@ def merge_checkpoint(base: PathLike, adapter: PathLike, out: PathLike, *,
     of the adapted model, holding one tensor in memory at a time. ``progress`` is called with a line per shard written (the
     command line prints them).
 
-    Example:
+    Examples:
         >>> ol.merge_checkpoint("llama-8b", "adapter.safetensors", "llama-8b-finetuned")   # doctest: +SKIP
 
     Raises:

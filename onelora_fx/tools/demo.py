@@ -154,7 +154,7 @@ def run(quick: bool = False, out_dir: str | Path = "onelora_demo", threads: int 
     second thread saves little, and on a machine shared with other work threads that
     wait for each other spin and burn time (see the README's measurements).
 
-    Example:
+    Examples:
         >>> from onelora_fx.tools import demo
         >>> results = demo.run(quick=True)   # doctest: +SKIP
     """

@@ -115,7 +115,7 @@ ZOO: dict[str, Callable[[], Example]] = {
 def build(name: str, seed: int = 0) -> Example:
     """Build a zoo model with a fixed seed.
 
-    Example:
+    Examples:
         >>> model, args, kwargs = build("llama-tiny")   # doctest: +SKIP
     """
     if name not in ZOO:

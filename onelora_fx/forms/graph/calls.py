@@ -60,7 +60,7 @@ def autocast_state() -> tuple:
 class Signature:
     """The calling convention of a model's ``forward``, to canonicalize calls.
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> sig = Signature(nn.Linear(2, 2).forward)
         >>> sig.canonical((torch.ones(1, 2),), {})[1].keys()

@@ -76,7 +76,7 @@ class FollowTrainEval(GraphPass):
     """Route every training-only constant of the graph through one mode node that reads
     the module's ``_onelora_mode`` submodule (added when missing). Idempotent.
 
-    Example:
+    Examples:
         >>> gm = torch.fx.symbolic_trace(Model())          # doctest: +SKIP
         >>> FollowTrainEval()(gm); gm.eval()              # doctest: +SKIP
     """

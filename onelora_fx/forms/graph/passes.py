@@ -49,7 +49,7 @@ class GraphPass(PassBase):
     anything) and ``ensures`` (check the result). Calling the pass runs ``requires``,
     ``run``, :func:`finalize` when something changed, then ``ensures``.
 
-    Example:
+    Examples:
         >>> result = Rewrite(sites)(gm)         # doctest: +SKIP
         >>> result.modified                     # doctest: +SKIP
         True

@@ -66,7 +66,7 @@ def inline_regions(gm: fx.GraphModule) -> int:
     """Inline every grad-mode / autocast region of ``gm`` (nested ones too); returns how
     many were inlined. ``gm`` is changed in place and recompiled when any was.
 
-    Example:
+    Examples:
         >>> class M(torch.nn.Module):
         ...     def __init__(self):
         ...         super().__init__()
