@@ -31,7 +31,7 @@ def mutated_package(mutant: Mutant, where: Path) -> Path:
 
 def run_tests(package_dir: Path, args: tuple[str, ...]) -> subprocess.CompletedProcess:
     # run from the copy's folder (first on the path), the test files named by absolute path
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(package_dir), str(ROOT / "tests")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(package_dir), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
     # where `import onelora_fx` would load from (find_spec runs no package code: no
     # seconds of imports per mutant)
     probe = "import importlib.util, sys; sys.stdout.write(importlib.util.find_spec('onelora_fx').origin)"
@@ -43,9 +43,23 @@ def run_tests(package_dir: Path, args: tuple[str, ...]) -> subprocess.CompletedP
                            "--rootdir", str(ROOT), *args], env=env, cwd=package_dir, capture_output=True, text=True, timeout=600)
 
 
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """Every mutant's run, two at a time with one torch thread each (the runs are
+    independent processes, and CI has 2 cores)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(mutant: Mutant) -> subprocess.CompletedProcess:
+        where = tmp_path_factory.mktemp(mutant.name.replace(" ", "-").replace("'", ""))
+        return run_tests(mutated_package(mutant, where), mutant.tests)
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip((m.name for m in MUTANTS), pool.map(one, MUTANTS)))
+
+
 @pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: m.name.replace(" ", "-"))
-def test_the_suite_catches_the_mutant(mutant, tmp_path):
-    result = run_tests(mutated_package(mutant, tmp_path), mutant.tests)
+def test_the_suite_catches_the_mutant(mutant, results):
+    result = results[mutant.name]
     # exit 1: tests ran and some failed; 0 would be a mutant the tests let through, and
     # anything else (collection error, no test selected) proves nothing
     assert result.returncode == 1, f"{mutant.name}: pytest exited {result.returncode}\n{result.stdout[-3000:]}"
