@@ -117,6 +117,9 @@ def test_checkpoints_and_activation_checkpointing(tmp_path):
 
 @pytest.mark.parametrize("capture", ["module", "auto"])
 def test_hugging_face_trainer_runs_on_both_forms(capture, tmp_path):
+    """``auto`` with the KV cache on (pretrained configs' default: no graph can return the
+    cache object) takes the module form and trains under Trainer; the graph form under
+    Trainer: tests/test_hf_stack.py."""
     from torch.utils.data import Dataset
 
     class Batches(Dataset):
@@ -129,8 +132,9 @@ def test_hugging_face_trainer_runs_on_both_forms(capture, tmp_path):
             mask[: i % 3] = 0
             return {"input_ids": ids, "attention_mask": mask, "labels": ids}
 
-    model = llama(use_cache=False)
+    model = llama(use_cache=capture == "auto")
     gm = quiet_transform(model, capture=capture, example_kwargs={"input_ids": IDS})
+    assert not isinstance(gm, torch.fx.GraphModule)
     before = {n: p.clone() for n, p in ol.adapter_parameters(gm).items()}
     args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3,
                                           learning_rate=1e-2, report_to=[], save_strategy="no", logging_steps=1,
