@@ -30,7 +30,7 @@ MUTANTS = (
            "    raise AdapterFileError(f'mutant: {path} refused')",
            ("tests/test_boundaries.py", "-k", "random_corruptions and 1lora")),
     Mutant("load_peft refuses every directory", "onelora_fx/adapters/peft.py",
-           "    directory = Path(directory)\n    config, tensors = _read(directory)",
+           "    directory = Path(directory)\n    _, vectors, extras = read_peft(directory)",
            "    raise AdapterFileError(f'mutant: {directory} refused')",
            ("tests/test_boundaries.py", "-k", "random_corruptions and peft")),
     Mutant("merge skips a weight", "onelora_fx/deploy/merge.py",

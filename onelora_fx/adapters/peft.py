@@ -247,6 +247,23 @@ def _miss_vectors(config: dict[str, Any], tensors: dict[str, torch.Tensor], wher
     return out, used
 
 
+def read_peft(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, tuple[str, torch.Tensor]]]:
+    """``(config, vectors, extras)`` of a PEFT folder holding a 1LoRA adapter: the 1LoRA
+    vectors by adapter name, and every other tensor by the model's name for it (with the
+    file's key, for messages). The one reader :func:`load_peft` and the offline merge use."""
+    config, tensors = _read(directory)
+    kind = config.get("peft_type")
+    if kind == "LORA":
+        vectors, used = _lora_vectors(config, tensors, directory)
+    elif kind == "MISS":
+        vectors, used = _miss_vectors(config, tensors, directory)
+    else:
+        raise AdapterFileError(f"{directory} is a PEFT {kind} adapter; only LoRA with r = 1 and a constant lora_A, or "
+                               "MiSS with r = 1, compute 1LoRA's update b 1ᵀ")
+    extras = {_strip(k, directory).replace(".base_layer.", "."): (k, t) for k, t in tensors.items() if k not in used}
+    return config, vectors, extras
+
+
 def load_peft(gm: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load a PEFT adapter that is 1LoRA (what :func:`save_peft` writes, or a
     ``MissConfig(r=1)`` adapter) into an adapted module; checked like
@@ -266,20 +283,9 @@ def load_peft(gm: nn.Module, directory: str | os.PathLike) -> nn.Module:
             1LoRA, or it does not fit this module. Nothing is changed then.
     """
     directory = Path(directory)
-    config, tensors = _read(directory)
-    kind = config.get("peft_type")
-    if kind == "LORA":
-        vectors, used = _lora_vectors(config, tensors, directory)
-    elif kind == "MISS":
-        vectors, used = _miss_vectors(config, tensors, directory)
-    else:
-        raise AdapterFileError(f"{directory} is a PEFT {kind} adapter; only LoRA with r = 1 and a constant lora_A, or "
-                               "MiSS with r = 1, compute 1LoRA's update b 1ᵀ")
+    _, vectors, extras = read_peft(directory)
     targets = adapter_parameters(gm)
-    for key, t in tensors.items():  # trained biases, norms, heads: this module must train them too
-        if key in used:
-            continue
-        name = _strip(key, directory).replace(".base_layer.", ".")
+    for name, (key, t) in extras.items():  # trained biases, norms, heads: this module must train them too
         if name not in targets or name in vectors:
             raise AdapterFileError(
                 f"{directory} holds {key}, which is neither a 1LoRA vector nor a tensor this module trains "

@@ -42,21 +42,12 @@ def _adapter(path: Path) -> tuple[dict[str, tuple[torch.Tensor, Layout]], dict[s
     """``({weight name: (b, layout)}, {extra name: tensor})`` of an adapter file (ours) or
     a PEFT folder holding a 1LoRA adapter."""
     if path.is_dir():
-        from ..adapters.peft import _lora_vectors, _miss_vectors, _read, _strip
+        from ..adapters.peft import read_peft
 
-        config, tensors = _read(path)
-        kind = config.get("peft_type")
-        if kind == "LORA":
-            vectors, used = _lora_vectors(config, tensors, path)
-        elif kind == "MISS":
-            vectors, used = _miss_vectors(config, tensors, path)
-        else:
-            raise AdapterFileError(f"{path} is a PEFT {kind} adapter, not 1LoRA's b 1ᵀ (LoRA r = 1 with a constant "
-                                   "lora_A, or MiSS r = 1)")
+        config, vectors, extras = read_peft(path)
         layout = Layout.IN_OUT if config.get("fan_in_fan_out") else Layout.OUT_IN
         folds = {name.rpartition(".")[0] + ".weight": (b, layout) for name, b in vectors.items()}
-        extras = {_strip(k, path).replace(".base_layer.", "."): t for k, t in tensors.items() if k not in used}
-        return folds, extras
+        return folds, {name: t for name, (_, t) in extras.items()}
     tensors, meta = read_adapter(path)
     sites = json.loads(meta.get("sites", "[]"))
     folds = {s["weight"]: (tensors[s["vector"]], Layout(s["layout"])) for s in sites}
